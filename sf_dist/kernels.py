@@ -1,0 +1,146 @@
+"""Schedule-Free update kernels: free functions over lists of plain local tensors.
+
+They know nothing of ranks, sharding or param groups; every operation is elementwise, so they
+run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths, one math:
+
+    v  = b2*v + (1-b2)*g*g                       (AdamW / RAdam only)
+    gn = g / (sqrt(v/bc2) + eps)  if normalize else g
+    gn += wd*y (decay_at="y") or wd*z (decay_at="z");  decay_at="all": y, z *= 1-lr*wd first
+    y  = lerp(y, z, ckp1) + y_coef*gn ;  z -= lr*gn
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .schedule import StepScalars
+
+IMPLS = ("single", "foreach", "fused")
+
+
+def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
+          exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single") -> None:
+    """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``)."""
+    if impl == "single":
+        for i in range(len(ys)):
+            _single_tensor_step(ys[i], grads[i], zs[i], None if exp_avg_sqs is None else exp_avg_sqs[i], s)
+    elif impl == "foreach":
+        _foreach_step(list(ys), list(grads), list(zs), None if exp_avg_sqs is None else list(exp_avg_sqs), s)
+    elif impl == "fused":
+        _fused_step(ys, grads, zs, exp_avg_sqs, s)
+    else:
+        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
+
+
+def swap_(ys: Sequence[Tensor], zs: Sequence[Tensor], weight: float, foreach: bool = False) -> None:
+    """y <- lerp(y, z, weight): weight 1-1/b1 turns y into x, weight 1-b1 turns x back into y."""
+    if not ys:
+        return
+    if foreach:
+        torch._foreach_lerp_(list(ys), list(zs), weight)
+    else:
+        for y, z in zip(ys, zs):
+            y.lerp_(z, weight)
+
+
+def _single_tensor_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars) -> None:
+    if s.decay_at == "all" and s.weight_decay != 0:
+        y.mul_(s.shrink)
+        z.mul_(s.shrink)
+    if v is not None:
+        v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+    if s.normalize:
+        gn = g / v.div(s.bias_correction2).sqrt_().add_(s.eps)
+    else:
+        gn = g.clone() if s.weight_decay != 0 and s.decay_at != "all" else g
+    if s.weight_decay != 0 and s.decay_at != "all":
+        gn.add_(y if s.decay_at == "y" else z, alpha=s.weight_decay)
+    y.lerp_(z, s.ckp1)
+    y.add_(gn, alpha=s.y_coef)
+    z.sub_(gn, alpha=s.lr)
+
+
+def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
+                  vs: Optional[list[Tensor]], s: StepScalars) -> None:
+    if s.decay_at == "all" and s.weight_decay != 0:
+        torch._foreach_mul_(ys, s.shrink)
+        torch._foreach_mul_(zs, s.shrink)
+    if vs is not None:
+        torch._foreach_mul_(vs, s.beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - s.beta2)
+    if s.normalize:
+        denom = torch._foreach_div(vs, s.bias_correction2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, s.eps)
+        gn = torch._foreach_div(grads, denom)
+        del denom
+        if s.weight_decay != 0 and s.decay_at != "all":
+            torch._foreach_add_(gn, ys if s.decay_at == "y" else zs, alpha=s.weight_decay)
+    elif s.weight_decay != 0 and s.decay_at != "all":
+        gn = torch._foreach_add(grads, ys if s.decay_at == "y" else zs, alpha=s.weight_decay)
+    else:
+        gn = grads
+    torch._foreach_lerp_(ys, zs, s.ckp1)
+    torch._foreach_add_(ys, gn, alpha=s.y_coef)
+    torch._foreach_sub_(zs, gn, alpha=s.lr)
+
+
+# ---- fused: one compiled pass over memory per tensor ------------------------------------------
+# Step scalars travel as one small tensor so that their per-step change never recompiles, and
+# tensors are flattened with a dynamic length so one graph serves every shape of a dtype.
+
+def _fused_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
+    lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bc2, eps, normalize = c.unbind()
+    y0 = y * shrink
+    z0 = z * shrink
+    v1 = v * beta2 + g * g * (1 - beta2)
+    denom = torch.where(normalize > 0, torch.sqrt(v1 / bc2) + eps, torch.ones_like(v1))
+    gn = g / denom + wd_y * y0 + wd_z * z0
+    y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
+    z.copy_(z0 - lr * gn)
+    v.copy_(v1)
+
+
+def _fused_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
+    lr, ckp1, y_coef, wd_y, wd_z, shrink = c.unbind()[:6]
+    y0 = y * shrink
+    z0 = z * shrink
+    gn = g + wd_y * y0 + wd_z * z0
+    y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
+    z.copy_(z0 - lr * gn)
+
+
+@functools.cache
+def _compiled(kind: str):
+    fn = _fused_adam if kind == "adam" else _fused_sgd
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _fused_constants(s: StepScalars, like: Tensor) -> Tensor:
+    additive = s.weight_decay if s.decay_at != "all" else 0.0
+    values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
+              additive if s.decay_at == "z" else 0.0, s.shrink,
+              s.beta2 if s.beta2 is not None else 0.0, s.bias_correction2, s.eps, float(s.normalize)]
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(values, dtype=dtype, device=like.device)
+
+
+def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
+                exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars) -> None:
+    constants: dict[tuple, Tensor] = {}
+    for i, y in enumerate(ys):
+        if y.numel() == 0:
+            continue
+        key = (y.device, y.dtype)
+        if key not in constants:
+            constants[key] = _fused_constants(s, y)
+        c = constants[key]
+        flat = [t.view(-1) for t in (y, grads[i], zs[i])]
+        if exp_avg_sqs is None:
+            _compiled("sgd")(*flat, c)
+        else:
+            _compiled("adam")(*flat, exp_avg_sqs[i].view(-1), c)

@@ -1,0 +1,255 @@
+"""Schedule-Free AdamW, SGD and RAdam as torch.optim.Optimizer subclasses.
+
+The parameter holds y (train mode) or x (eval mode); the state holds z and the second moment.
+Params may be plain tensors, FSDP2 DTensors (stepped on their local shard, no communication)
+or FSDP1 flat-parameter views, including empty shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .schedule import DECAY_AT, StepScalars, advance_average, radam_rectification, warmup_factor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch builds without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+ParamsT = Iterable[Any]
+
+# Group entries that count steps or record the schedule; everything else is a hyperparameter.
+COUNTERS = ("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr")
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this rank stores: a DTensor's local shard, any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ScheduleFreeOptimizer(torch.optim.Optimizer):
+    """Shared machinery: lazy state, mode swaps, kernel dispatch. Subclasses define the schedule."""
+
+    moment_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        _validate(defaults)
+        if defaults["foreach"] and defaults["fused"]:
+            raise ValueError("foreach=True and fused=True are exclusive: pick one kernel path")
+        defaults.update(k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _validate(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts of the schedulefree package lack these
+            group.setdefault("decay_at", "y")
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+
+    # ---- hooks for subclasses ---------------------------------------------------------------
+    def interpolation(self, group: dict[str, Any]) -> float:
+        """b1 of y = (1-b1)*z + b1*x."""
+        return group["betas"][0]
+
+    def scalars(self, group: dict[str, Any]) -> StepScalars:
+        """Advance the group's schedule by one step and return the kernel's scalars."""
+        raise NotImplementedError
+
+    # ---- mode ------------------------------------------------------------------------------
+    @property
+    def train_mode(self) -> bool:
+        """True when the params hold y (train), False when they hold x (eval)."""
+        return all(group["train_mode"] for group in self.param_groups)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put y in the params (no-op if already training)."""
+        self._swap(to_train=True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put x, the eval weights, in the params (no-op if already in eval mode)."""
+        self._swap(to_train=False)
+
+    def _swap(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            b1 = self.interpolation(group)
+            with_state = [p for p in group["params"] if "z" in self.state.get(p, {})]
+            ys = [local(p) for p in with_state]
+            zs = [local(self.state[p]["z"]) for p in with_state]
+            kernels.swap_(ys, zs, 1 - b1 if to_train else 1 - 1 / b1, foreach=bool(group["foreach"]))
+            group["train_mode"] = to_train
+
+    # ---- state -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create z and the moments for every param that lacks them, without stepping.
+
+        Call before building a state dict to load into (DCP), so no loader needs a dummy step.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_for(p)
+
+    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if "z" not in state:
+            state["z"] = p.detach().clone(memory_format=torch.preserve_format)
+            for key in self.moment_keys:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    # ---- step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One Schedule-Free step on every param with a gradient (raises in eval mode)."""
+        if not self.train_mode:
+            raise RuntimeError(
+                "step() called in eval mode: the params hold x, not y. Call optimizer.train() "
+                "before training steps (and optimizer.eval() before evaluating or saving)."
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            ys, grads, zs, moments = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Schedule-Free optimizers do not support sparse gradients")
+                state = self._state_for(p)
+                ys.append(local(p))
+                grads.append(local(p.grad))
+                zs.append(local(state["z"]))
+                if self.moment_keys:
+                    moments.append(local(state[self.moment_keys[0]]))
+            s = self.scalars(group)
+            if ys:
+                kernels.step_(ys, grads, zs, moments if self.moment_keys else None, s,
+                              impl=_pick_impl(group, ys))
+            group["k"] += 1
+        return loss
+
+
+class AdamWScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free AdamW (memory-efficient form), numerically equal to schedulefree 1.4.1.
+
+    >>> opt = AdamWScheduleFree(model.parameters(), lr=2.5e-3, warmup_steps=100)
+    >>> opt.train()   # before training steps;  opt.eval() before evaluating or saving
+    """
+
+    moment_keys = ("exp_avg_sq",)
+
+    def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
+                 weight_lr_power: float = 2.0, decay_at: str = "y", foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                                      decay_at=decay_at, foreach=foreach, fused=fused))
+
+    def scalars(self, group: dict[str, Any]) -> StepScalars:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * warmup_factor(group["k"], group["warmup_steps"])
+        ckp1 = advance_average(group, lr)
+        return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (beta1 * (1 - ckp1) - 1),
+                           weight_decay=group["weight_decay"], decay_at=group["decay_at"],
+                           beta2=beta2, bias_correction2=1 - beta2 ** (group["k"] + 1),
+                           eps=group["eps"], normalize=True)
+
+
+class RAdamScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free RAdam: no warmup needed; rectified lr, SGD (or silent) phase at the start.
+
+    >>> opt = RAdamScheduleFree(model.parameters(), lr=2.5e-3); opt.train()
+    """
+
+    moment_keys = ("exp_avg_sq",)
+
+    def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, r: float = 0.0, weight_lr_power: float = 2.0,
+                 silent_sgd_phase: bool = True, decay_at: str = "y", foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
+                                      weight_lr_power=weight_lr_power, silent_sgd_phase=silent_sgd_phase,
+                                      decay_at=decay_at, foreach=foreach, fused=fused))
+
+    def scalars(self, group: dict[str, Any]) -> StepScalars:
+        beta1, beta2 = group["betas"]
+        rect, adam_phase = radam_rectification(group["k"], beta2, group["silent_sgd_phase"])
+        lr = group["lr"] * rect
+        ckp1 = advance_average(group, lr)
+        return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (beta1 * (1 - ckp1) - 1),
+                           weight_decay=group["weight_decay"], decay_at=group["decay_at"],
+                           beta2=beta2, bias_correction2=1 - beta2 ** (group["k"] + 1),
+                           eps=group["eps"], normalize=adam_phase)
+
+
+class SGDScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free SGD with momentum-style interpolation ``momentum`` (b1).
+
+    >>> opt = SGDScheduleFree(model.parameters(), lr=1.0, momentum=0.9); opt.train()
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, decay_at: str = "y",
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                                      decay_at=decay_at, foreach=foreach, fused=fused))
+
+    def interpolation(self, group: dict[str, Any]) -> float:
+        return group["momentum"]
+
+    def scalars(self, group: dict[str, Any]) -> StepScalars:
+        momentum = group["momentum"]
+        lr = group["lr"] * warmup_factor(group["k"], group["warmup_steps"])
+        ckp1 = advance_average(group, lr)
+        return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (momentum * (1 - ckp1) - 1),
+                           weight_decay=group["weight_decay"], decay_at=group["decay_at"])
+
+
+def _validate(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a group."""
+    if not group["lr"] >= 0.0:
+        raise ValueError(f"Invalid learning rate: {group['lr']} (must be >= 0)")
+    if "eps" in group and not group["eps"] >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {group['eps']} (must be >= 0)")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (must be >= 0)")
+    if "betas" in group:
+        beta1, beta2 = group["betas"]
+        if not 0.0 < beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1} (must be in (0, 1); "
+                             "x = (y - (1-b1)*z)/b1 needs b1 > 0)")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2} (must be in [0, 1))")
+    if "momentum" in group and not 0.0 < group["momentum"] < 1.0:
+        raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in (0, 1); "
+                         "x = (y - (1-m)*z)/m needs m > 0)")
+    if "warmup_steps" in group and not group["warmup_steps"] >= 0:
+        raise ValueError(f"Invalid warmup_steps: {group['warmup_steps']} (must be >= 0)")
+    if group["decay_at"] not in DECAY_AT:
+        raise ValueError(f"Invalid decay_at: {group['decay_at']!r} (expected one of {DECAY_AT})")
+
+
+def _pick_impl(group: dict[str, Any], tensors: list[Tensor]) -> str:
+    """The kernel path: the one asked for, else foreach on accelerators and per-tensor on CPU.
+
+    fused is opt-in: it compiles on first use (seconds), which dominates short or test runs.
+    """
+    if group["fused"]:
+        return "fused"
+    if group["foreach"] is None:
+        return "foreach" if tensors[0].device.type != "cpu" else "single"
+    return "foreach" if group["foreach"] else "single"
