@@ -1,0 +1,258 @@
+"""ZeroScheduleFree: ZeRO-1/2 Schedule-Free for torchrun data parallel, without DDP.
+
+Gradients are averaged by the optimizer (bucketed, launched from gradient hooks during
+backward), each rank steps the core optimizer on its even slice of every bucket, and the new
+weights are all-gathered into every rank's params.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optim import COUNTERS, AdamWScheduleFree, ScheduleFreeOptimizer
+from . import state as zstate
+from .buckets import Bucket, plan
+
+
+class ZeroScheduleFree(torch.optim.Optimizer):
+    """Schedule-Free with optimizer state and (at stage 2) gradients sharded over data-parallel ranks.
+
+    Do NOT wrap the model in DDP: this optimizer averages the gradients itself. After
+    ``loss.backward()`` call ``opt.step()``; ``p.grad`` is None after backward (the reduced
+    gradient lives sharded in the optimizer). Construct after the model is on its device.
+
+    >>> opt = ZeroScheduleFree(model.parameters(), sf_dist.AdamWScheduleFree, stage=2, lr=1e-3)
+    >>> opt.train()
+    >>> loss_fn(model(x), y).backward(); opt.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, params: Iterable[Any], optimizer_class: type[ScheduleFreeOptimizer] = AdamWScheduleFree,
+                 stage: int = 2, process_group: Optional[dist.ProcessGroup] = None,
+                 bucket_cap_mb: float = 25.0, overlap: bool = True, **optimizer_defaults: Any) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"Invalid ZeRO stage: {stage} (expected 1 or 2; for stage 3 use FSDP2 "
+                             "with sf_dist.AdamWScheduleFree)")
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ScheduleFreeOptimizer)):
+            raise TypeError(f"optimizer_class must be an sf_dist Schedule-Free optimizer class, got "
+                            f"{optimizer_class!r} (e.g. sf_dist.AdamWScheduleFree)")
+        if not dist.is_initialized():
+            raise RuntimeError("ZeroScheduleFree needs torch.distributed: call "
+                               "dist.init_process_group() first (torchrun sets the env), or use "
+                               f"{optimizer_class.__name__} directly for a single process")
+        self.process_group = process_group or dist.group.WORLD
+        self.stage = stage
+        self.overlap = overlap
+        groups = _normalize(params)
+        _check_same_on_all_ranks(groups, self.process_group)
+        cap = max(1, int(bucket_cap_mb * 2**20))
+        self.buckets: list[list[Bucket]] = []
+        inner_groups = []
+        for g in groups:
+            bs = [Bucket(ps, self.process_group, stage)
+                  for ps in plan(g["params"], max(1, cap // g["params"][0].element_size()))]
+            self.buckets.append(bs)
+            inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
+                                 "params": [piece for b in bs for _, piece in b.pieces]})
+        self.inner = optimizer_class(inner_groups, **optimizer_defaults)
+        super().__init__(groups, self.inner.defaults)
+        self._pull_counters()
+        self._where = {p: (b, i) for bs in self.buckets for b in bs for i, p in enumerate(b.params)}
+        self._saved_y: Optional[list[Tensor]] = None
+        self._broadcast_from_rank0()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
+                       for p in self._where if p.requires_grad] if overlap else []
+
+    # ---- mode --------------------------------------------------------------------------------
+    @property
+    def train_mode(self) -> bool:
+        """True when the params hold y (train), False when they hold x (eval)."""
+        return self.inner.train_mode
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put y back in the params: exactly the y that eval() replaced, then one all-gather."""
+        if self.train_mode:
+            return
+        if self._saved_y is not None:
+            for b, y in zip(self._all_buckets(), self._saved_y):
+                b.master.copy_(y)
+            for group in self.inner.param_groups:
+                group["train_mode"] = True
+        else:
+            self.inner.train()
+        self._saved_y = None
+        self._publish()
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put x, the eval weights, in the params: swap the local shard, then one all-gather."""
+        if not self.inner.param_groups[0]["train_mode"]:
+            return
+        self._saved_y = [b.master.clone() for b in self._all_buckets()]
+        self.inner.eval()
+        self._publish()
+
+    # ---- gradients and step ------------------------------------------------------------------
+    def _on_grad(self, p: Tensor) -> None:
+        bucket, i = self._where[p]
+        bucket.add_grad(i, p.grad)
+        p.grad = None
+        bucket.reap(block=False)
+
+    @torch.no_grad()
+    def _sync_grads(self) -> None:
+        """Reduce whatever backward left behind (un-hooked grads, partial buckets) and wait."""
+        for p, (bucket, i) in self._where.items():
+            if p.grad is not None:
+                bucket.add_grad(i, p.grad)
+                p.grad = None
+        for b in self._all_buckets():
+            b.launch()
+        for b in self._all_buckets():
+            b.reap(block=True)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the averaged gradients by their global norm (one scalar collective); return the norm.
+
+        Same rule as ``torch.nn.utils.clip_grad_norm_`` on the full, unsharded gradients.
+        """
+        self._sync_grads()
+        grads = [b.grad for b in self._all_buckets() if b.grad is not None]
+        device = self.buckets[0][0].flat.device
+        norm_type = float(norm_type)
+        if norm_type == float("inf"):
+            local = max((g.abs().max().float() for g in grads if g.numel()), default=torch.zeros((), device=device))
+            total = local.to(device, torch.float64).clone()
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.process_group)
+        else:
+            total = sum((g.double().abs().pow(norm_type).sum().to(device) for g in grads),
+                        torch.zeros((), dtype=torch.float64, device=device))
+            dist.all_reduce(total, group=self.process_group)
+            total = total.pow(1.0 / norm_type)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Average the gradients, step this rank's shard, all-gather the new y into the params."""
+        if not self.train_mode:
+            raise RuntimeError("step() called in eval mode: the params hold x, not y. Call "
+                               "optimizer.train() before training steps.")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_grads()
+        self._push_hyperparameters()
+        for b in self._all_buckets():
+            b.attach_grads()
+        self.inner.step()
+        self._pull_counters()
+        self._publish()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the sharded gradients (and any local .grad), ready for the next backward."""
+        for p in self._where:
+            p.grad = None
+        for b in self._all_buckets():
+            b.zero_grad()
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the state; reload it with the same world size and model."""
+        return zstate.rank_state_dict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict() of this rank, or a full single-process one (each rank slices it)."""
+        zstate.load_rank_state_dict(self, state_dict)
+
+    def consolidated_state_dict(self, to: int = 0) -> dict[str, Any]:
+        """Rank ``to`` gets a plain single-process state dict (the core classes load it); others {}."""
+        return zstate.consolidated_state_dict(self, to)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """A DCP-ready dict: 1-D Shard(0) DTensors per bucket plus the group scalars."""
+        return zstate.sharded_state_dict(self)
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the values of a sharded_state_dict() that DCP has loaded in place."""
+        zstate.load_sharded_state_dict(self, state)
+
+    def held_numel(self) -> dict[str, int]:
+        """Elements the optimizer holds on this rank: state, master copies, gradient shards."""
+        held = {"state": sum(t.numel() for s in self.inner.state.values() for t in s.values()
+                             if isinstance(t, Tensor)), "master": 0, "grad": 0}
+        for b in self._all_buckets():
+            for k, v in b.held_numel().items():
+                held[k] += v
+        return held
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _all_buckets(self) -> list[Bucket]:
+        return [b for bs in self.buckets for b in bs]
+
+    def _publish(self) -> None:
+        works = [b.publish() for b in self._all_buckets()]
+        for w in works:
+            if w is not None:
+                w.wait()
+
+    def _push_hyperparameters(self) -> None:
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: v for k, v in outer.items() if k != "params" and k not in COUNTERS})
+
+    def _pull_counters(self) -> None:
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            outer.update({k: inner[k] for k in COUNTERS})
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(self) -> None:
+        src = dist.get_global_rank(self.process_group, 0)
+        for b in self._all_buckets():
+            dist.broadcast(b.flat, src=src, group=self.process_group)
+            if b.separate_master:
+                b.master.copy_(b.flat[b.lo:b.hi])
+
+
+def _normalize(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """The param groups as dicts with a non-empty list of params each."""
+    params = list(params)
+    if not params:
+        raise ValueError("ZeroScheduleFree got an empty parameter list")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for i, g in enumerate(groups):
+        ps = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+        if not ps:
+            raise ValueError(f"param group {i} has no parameters; drop it or give it some")
+        out.append({**g, "params": ps})
+    return out
+
+
+def _check_same_on_all_ranks(groups: list[dict[str, Any]], pg: dist.ProcessGroup) -> None:
+    """Raise on every rank, naming the first difference, if ranks were given different params."""
+    mine = [[(tuple(p.shape), str(p.dtype)) for p in g["params"]] for g in groups]
+    every: list[Any] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(every, mine, group=pg)
+    for rank, theirs in enumerate(every):
+        if theirs == every[0]:
+            continue
+        if len(theirs) != len(every[0]):
+            raise ValueError(f"rank {rank} has {len(theirs)} param groups but rank 0 has {len(every[0])}: "
+                             "every rank must build the same model and groups")
+        for gi, (a, b) in enumerate(zip(every[0], theirs)):
+            if len(a) != len(b):
+                raise ValueError(f"param group {gi} has {len(b)} params on rank {rank} but {len(a)} on "
+                                 "rank 0: every rank must build the same model and groups")
+            for pi, (pa, pb) in enumerate(zip(a, b)):
+                if pa != pb:
+                    raise ValueError(f"param {pi} of group {gi} is {pb[0]} {pb[1]} on rank {rank} but "
+                                     f"{pa[0]} {pa[1]} on rank 0: every rank must build the same model")
