@@ -1,0 +1,360 @@
+"""The eval weights x of a Schedule-Free run, one API on every backend.
+
+Training keeps y in the parameters; evaluation and export want x. These helpers hand out x
+(as a context, a state dict, a safetensors file or through ``model.state_dict()``) and leave
+y bitwise unchanged afterwards, on a plain module, DDP, FSDP2, FSDP1 or a DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .optim import ScheduleFreeOptimizer, local
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch builds without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+__all__ = ["eval_weights", "eval_state_dict", "save_eval_weights", "register_eval_state_dict_hook",
+           "agreed_train_mode"]
+
+# Set while sf_dist itself reads a state dict (checkpoints store y): the eval hook stands aside.
+_HOOKS_SUSPENDED = [False]
+
+
+# ---- modes and process groups ------------------------------------------------------------------
+def _dist_up() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _comm_device() -> torch.device:
+    """CPU for gloo (or a CPU-capable mixed backend), else the current accelerator (NCCL)."""
+    backend = str(dist.get_backend())
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator()
+    return torch.device(acc.type, torch.accelerator.current_device_index())
+
+
+def agreed_train_mode(optimizer: Any) -> bool:
+    """The optimizer's mode, checked to be the same on every rank (one tiny all-reduce).
+
+    Raises RuntimeError when ranks disagree, so no export mixes x shards with y shards.
+    """
+    mode = bool(optimizer.train_mode)
+    if not _dist_up():
+        return mode
+    flags = torch.tensor([float(mode), -float(mode)], device=_comm_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item() != -flags[1].item():
+        raise RuntimeError(
+            f"ranks disagree on the optimizer mode (rank {_rank()} has train_mode={mode}, another "
+            "rank differs): call optimizer.train() or optimizer.eval() on every rank, not on one, "
+            "before exporting or checkpointing"
+        )
+    return mode
+
+
+def _is_deepspeed(model: Any) -> bool:
+    """A DeepSpeed engine, detected by its class's module so deepspeed is never imported here."""
+    return any(c.__module__.startswith("deepspeed") for c in type(model).__mro__)
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """FSDP1 or FSDP2: state_dict() is a collective there, so a mode check costs nothing extra."""
+    return _is_fsdp1(model) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# ---- x in the parameters (context) ---------------------------------------------------------
+@contextlib.contextmanager
+def eval_weights(model: nn.Module, optimizer: Any) -> Iterator[nn.Module]:
+    """Context manager: the params hold x inside, y again afterwards (bitwise for sf_dist's own
+    optimizers, which restore a copy of the local shard rather than re-deriving y).
+
+    >>> with sf_dist.eval_weights(model, opt):
+    ...     val_loss = evaluate(model)
+    """
+    if not optimizer.train_mode:
+        yield model
+        return
+    snapshot = _snapshot_y(optimizer) if isinstance(optimizer, ScheduleFreeOptimizer) else []
+    optimizer.eval()
+    try:
+        yield model
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for y, saved in snapshot:
+                y.copy_(saved)
+
+
+def _snapshot_y(optimizer: ScheduleFreeOptimizer) -> list[tuple[Tensor, Tensor]]:
+    """(local y, a copy) for every param eval() will move: those with state."""
+    return [(local(p), local(p).clone()) for group in optimizer.param_groups for p in group["params"]
+            if "z" in optimizer.state.get(p, {})]
+
+
+# ---- x as tensors, without touching y ----------------------------------------------------------
+def _x_maker(model: nn.Module, optimizer: Any) -> Optional[Callable[[Tensor], Tensor]]:
+    """A function from a state-dict value aliasing a param (y) to a fresh x tensor, or None when
+    x cannot be derived tensor by tensor (params not ours, FSDP1 views, or already in eval mode).
+    """
+    if not isinstance(optimizer, ScheduleFreeOptimizer) or not optimizer.train_mode or _is_fsdp1(model):
+        return None
+    by_storage: dict[tuple, tuple[Tensor, float, bool]] = {}
+    for group in optimizer.param_groups:
+        weight = 1 - 1 / optimizer.interpolation(group)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "z" in state and local(p).numel() > 0:
+                by_storage[_storage_key(local(p))] = (local(state["z"]), weight, bool(group["foreach"]))
+
+    def to_x(value: Tensor) -> Tensor:
+        found = by_storage.get(_storage_key(local(value))) if isinstance(value, Tensor) else None
+        if found is None:
+            return value
+        z, weight, foreach = found
+        x = value.detach().clone()
+        from .kernels import swap_  # the same kernel call as optimizer.eval(): bitwise the same x
+        swap_([local(x)], [z], weight, foreach=foreach)
+        return x
+
+    return to_x
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+@contextlib.contextmanager
+def _x_view(model: nn.Module, optimizer: Any) -> Iterator[Callable[[Tensor], Tensor]]:
+    """Yield ``to_x(value)`` for state-dict values; y is bitwise unchanged once the block exits.
+
+    sf_dist optimizers on plain/DDP/FSDP2 modules derive x per tensor and never write the
+    params; elsewhere the params hold x inside the block and values aliasing them are copied.
+    """
+    to_x = _x_maker(model, optimizer)
+    if to_x is not None:
+        yield to_x
+        return
+    live = {local(p).untyped_storage().data_ptr() for p in model.parameters() if local(p).numel() > 0}
+
+    def copy_if_alias(value: Tensor) -> Tensor:
+        aliased = isinstance(value, Tensor) and local(value).numel() > 0 and \
+            local(value).untyped_storage().data_ptr() in live
+        return value.detach().clone() if aliased else value
+
+    with eval_weights(model, optimizer):
+        yield copy_if_alias
+
+
+@contextlib.contextmanager
+def _own_state_dict_calls() -> Iterator[None]:
+    """Read the model's real state dict (y) even while an eval hook is registered."""
+    before, _HOOKS_SUSPENDED[0] = _HOOKS_SUSPENDED[0], True
+    try:
+        yield
+    finally:
+        _HOOKS_SUSPENDED[0] = before
+
+
+def _sharded_state_dict(model: nn.Module) -> dict[str, Any]:
+    """Plain FQNs (no wrapper prefixes) to local-shard values: DTensor, ShardedTensor or Tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    with _own_state_dict_calls():
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+
+
+def _gather(value: Any) -> Optional[Tensor]:
+    """The full tensor on rank 0 (None on the others); a collective for sharded values."""
+    if isinstance(value, DTensor):
+        full = value.full_tensor()
+        return full if _rank() == 0 else None
+    if hasattr(value, "local_shards"):  # FSDP1's ShardedTensor
+        out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value)) if _rank() == 0 else None
+        value.gather(dst=0, out=out)
+        return out
+    return value if _rank() == 0 else None
+
+
+def _shard_device(value: Any) -> torch.device:
+    shards = value.local_shards()
+    return shards[0].tensor.device if shards else _comm_device()
+
+
+# ---- public exports ----------------------------------------------------------------------------
+def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
+                    cpu_offload: bool = True) -> dict[str, Any]:
+    """The x weights as a state dict with plain names; y is left bitwise unchanged.
+
+    ``full=True``: whole tensors on rank 0, ``{}`` on the other ranks (a collective: call it on
+    every rank), gathered one tensor at a time. ``full=False``: this rank's shards (DTensors on
+    FSDP2), ready for torch.distributed.checkpoint.
+    """
+    agreed_train_mode(optimizer)
+    if _is_deepspeed(model):
+        from .deepspeed import engine_state_dict
+        with eval_weights(model, optimizer):
+            return engine_state_dict(model, full, cpu_offload)
+    out: dict[str, Any] = {}
+    with _x_view(model, optimizer) as to_x:
+        for name, value in _sharded_state_dict(model).items():
+            if not full:
+                out[name] = to_x(value) if isinstance(value, Tensor) else value
+                continue
+            if not isinstance(value, Tensor) and not hasattr(value, "local_shards"):
+                continue  # extra_state objects: not weights
+            whole = _gather(to_x(value) if isinstance(value, Tensor) else value)
+            if whole is None:
+                continue
+            source = local(value) if isinstance(value, Tensor) else None
+            if cpu_offload:
+                whole = whole.cpu()
+            if source is not None and whole.numel() > 0 and whole.data_ptr() == source.data_ptr():
+                whole = whole.clone()  # never hand out the live parameter
+            out[name] = whole
+    return out
+
+
+def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike) -> None:
+    """Write x to a safetensors file with plain names that a single-process
+    ``model.load_state_dict(safetensors.torch.load_file(path), strict=True)`` accepts.
+
+    A collective (call it on every rank); rank 0 writes, streaming one gathered tensor at a
+    time, so peak memory stays near the largest tensor rather than the whole model.
+    """
+    agreed_train_mode(optimizer)
+    path = os.fspath(path)
+    if _is_deepspeed(model):
+        from safetensors.torch import save_file
+        tensors = eval_state_dict(model, optimizer, full=True, cpu_offload=True)
+        if _rank() == 0:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        _barrier()
+        return
+    with _x_view(model, optimizer) as to_x:
+        entries = [(n, v) for n, v in _sharded_state_dict(model).items()
+                   if isinstance(v, Tensor) or hasattr(v, "local_shards")]
+        writer = _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]) \
+            if _rank() == 0 else None
+        try:
+            for name, value in entries:
+                whole = _gather(to_x(value) if isinstance(value, Tensor) else value)
+                if writer is not None:
+                    writer.write(name, whole)
+                del whole
+        finally:
+            if writer is not None:
+                writer.close()
+    _barrier()
+
+
+def _barrier() -> None:
+    if _dist_up():
+        dist.barrier()
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _SafetensorsWriter:
+    """Streams tensors into the safetensors layout: 8-byte header size, JSON header, raw bytes.
+
+    The header is written first from shapes and dtypes alone, so no tensor needs to be held
+    while the others are gathered.
+    """
+
+    def __init__(self, path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        header: dict[str, Any] = {}
+        offset = 0
+        self._order = []
+        for name, dtype, shape in specs:
+            if dtype not in _ST_DTYPES:
+                raise TypeError(f"save_eval_weights: tensor {name!r} has dtype {dtype}, which safetensors "
+                                f"cannot store; supported: {sorted(map(str, _ST_DTYPES))}")
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, nbytes))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        expected, nbytes = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"safetensors stream out of order: got {name!r}, expected {expected!r}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != nbytes:
+            raise RuntimeError(f"tensor {name!r} has {data.numel()} bytes, its header says {nbytes}")
+        self._file.write(data.numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ---- state_dict() hook ---------------------------------------------------------------------------
+class EvalStateDictHandle:
+    """Returned by register_eval_state_dict_hook; ``remove()`` restores plain state_dict()."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def remove(self) -> None:
+        if "state_dict" in self._model.__dict__:
+            del self._model.__dict__["state_dict"]
+
+
+def register_eval_state_dict_hook(model: nn.Module, optimizer: Any) -> EvalStateDictHandle:
+    """Make ``model.state_dict()`` (hence get_model_state_dict and DCP saves of the model) give x
+    while training continues at y. ``handle.remove()`` undoes it.
+
+    The whole state_dict call is wrapped, so the swap happens around the engine's own hooks
+    (FSDP1 unshards inside them). sf_dist.checkpoint still stores y.
+    """
+    if "state_dict" in model.__dict__:
+        raise RuntimeError("an eval state_dict hook (or another state_dict override) is already on this "
+                           "model: remove() the previous handle first")
+    plain_state_dict = model.state_dict
+    sharded = _is_sharded(model)
+
+    def state_dict(*args: Any, **kwargs: Any) -> Any:
+        if _HOOKS_SUSPENDED[0]:
+            return plain_state_dict(*args, **kwargs)
+        if sharded:
+            agreed_train_mode(optimizer)
+        with _x_view(model, optimizer) as to_x:
+            sd = plain_state_dict(*args, **kwargs)
+            for key, value in sd.items():
+                if isinstance(value, Tensor):
+                    sd[key] = to_x(value)
+        return sd
+
+    model.__dict__["state_dict"] = state_dict
+    return EvalStateDictHandle(model)
