@@ -1,0 +1,139 @@
+"""Resumable checkpoints of a Schedule-Free run on torch.distributed.checkpoint (DCP).
+
+A checkpoint holds the params as they are (y in train mode), z, the moments and every group
+scalar (k, lr_max, weight_sum, train_mode), each rank writing its own shards. It loads at
+another world size or into a plain unsharded model, and resumes bitwise at the same one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .weights import _dist_up, _own_state_dict_calls, _rank, agreed_train_mode
+
+__all__ = ["save", "load"]
+
+
+def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any = None) -> None:
+    """Save model, optimizer and ``extra`` (any picklable object) to the directory ``path``.
+
+    A collective: call on every rank. Written to ``<path>.tmp`` and renamed once complete, so a
+    crash mid-save leaves the previous checkpoint at ``path`` intact.
+
+    >>> sf_dist.checkpoint.save("ckpt/step_1000", model, opt, extra={"step": 1000})
+    """
+    path = os.fspath(path)
+    agreed_train_mode(optimizer)
+    tmp = path + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+        os.makedirs(tmp)
+    _barrier()
+    dcp.save(_state(model, optimizer, extra), checkpoint_id=tmp)
+    _barrier()
+    if _rank() == 0:
+        _publish(tmp, path)
+    _barrier()
+
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
+    """Load a checkpoint written by :func:`save` (at any world size) and return its ``extra``.
+
+    Build the model and optimizer as for training first; no optimizer step is taken, the
+    optimizer comes back in the mode it was saved in, and training continues where it stopped.
+
+    >>> extra = sf_dist.checkpoint.load("ckpt/step_1000", model, opt)
+    """
+    path = os.fspath(path)
+    metadata = _read_metadata(path)
+    state = _state(model, optimizer, None)
+    _check_model_keys(path, metadata, state["model"])
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (CheckpointException, RuntimeError) as e:  # the last line names the key
+        raise RuntimeError(f"checkpoint {path!r} does not match this model/optimizer (a different "
+                           f"optimizer class or param grouping?): {str(e).strip().splitlines()[-1]}") from e
+    set_model_state_dict(model, state["model"])
+    if hasattr(optimizer, "load_sharded_state_dict"):
+        optimizer.load_sharded_state_dict(state["optim"])
+    else:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    return pickle.loads(state["extra"])
+
+
+def _state(model: nn.Module, optimizer: Any, extra: Any) -> dict[str, Any]:
+    """The DCP state dict: sharded model params (y), optimizer state and groups, extra."""
+    with _own_state_dict_calls():
+        model_sd = get_model_state_dict(model)
+    if hasattr(optimizer, "sharded_state_dict"):
+        optim_sd = optimizer.sharded_state_dict()
+    else:
+        # State for every param first: the helpers would otherwise create it with a zero-grad
+        # step(), which advances k and weight_sum (or raises in eval mode).
+        optimizer.init_state()
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+    # extra travels pickled: DCP drops None leaves and would flatten containers into keys.
+    return {"model": model_sd, "optim": optim_sd, "extra": pickle.dumps(extra)}
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Move the finished checkpoint into place; the previous one survives until then."""
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old)
+
+
+def _read_metadata(path: str) -> Any:
+    """DCP metadata, after checking that every shard file it names is present and complete."""
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        hint = f"; a save was interrupted while replacing it, the previous checkpoint is in {path}.old" \
+            if os.path.isdir(path + ".old") else ""
+        raise FileNotFoundError(f"no sf_dist checkpoint at {path!r} (missing {path}/.metadata){hint}")
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"checkpoint {path!r} is incomplete: shard file {file} is missing")
+        if os.path.getsize(file) < size:
+            raise RuntimeError(f"checkpoint {path!r} is corrupt: shard file {file} has "
+                               f"{os.path.getsize(file)} bytes, its metadata needs {size} (truncated copy?)")
+    return metadata
+
+
+def _check_model_keys(path: str, metadata: Any, model_sd: dict[str, Any]) -> None:
+    """Name the params that differ between the checkpoint and the model, before any collective."""
+    saved = {k[len("model."):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    missing = sorted(set(model_sd) - set(saved))
+    unexpected = sorted(set(saved) - set(model_sd))
+    reshaped = sorted(k for k, v in model_sd.items() if k in saved and hasattr(v, "shape")
+                      and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape))
+    if missing or unexpected or reshaped:
+        raise RuntimeError(f"checkpoint {path!r} was saved from a different model: missing {missing}, "
+                           f"unexpected {unexpected}, shape differs {reshaped}")
+
+
+def _barrier() -> None:
+    if _dist_up():
+        dist.barrier()
