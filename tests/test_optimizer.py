@@ -1,0 +1,217 @@
+"""Optimizer behaviour beyond the numerics: validation, modes, lazy state, state dicts both ways."""
+
+import copy
+
+import pytest
+import schedulefree
+import torch
+
+import sf_dist
+from dist import run_distributed
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+
+
+def _batch(step):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randn(16, 2, generator=gen, dtype=torch.float64)
+
+
+def _train(model, opt, steps, start=0):
+    for k in range(start, start + steps):
+        x, y = _batch(k)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(([p.detach().clone() for p in model.parameters()], opt.state_dict()))
+
+
+def _assert_same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for key in sa["state"]:
+        for name in sa["state"][key]:
+            assert torch.equal(sa["state"][key][name], sb["state"][key][name])
+
+
+@pytest.mark.parametrize("cls,kwargs,message", [
+    (sf_dist.AdamWScheduleFree, dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (sf_dist.AdamWScheduleFree, dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+    (sf_dist.AdamWScheduleFree, dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (sf_dist.AdamWScheduleFree, dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (sf_dist.AdamWScheduleFree, dict(betas=(-0.1, 0.999)), "Invalid beta parameter at index 0: -0.1"),
+    (sf_dist.AdamWScheduleFree, dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+    (sf_dist.RAdamScheduleFree, dict(betas=(0.9, -0.5)), "Invalid beta parameter at index 1: -0.5"),
+    (sf_dist.SGDScheduleFree, dict(momentum=1.0), "Invalid momentum value: 1.0"),
+    (sf_dist.SGDScheduleFree, dict(momentum=-0.2), "Invalid momentum value: -0.2"),
+    (sf_dist.SGDScheduleFree, dict(warmup_steps=-1), "Invalid warmup_steps: -1"),
+    (sf_dist.AdamWScheduleFree, dict(warmup_steps=-3), "Invalid warmup_steps: -3"),
+    (sf_dist.AdamWScheduleFree, dict(decay_at="x"), "Invalid decay_at: 'x'"),
+    (sf_dist.AdamWScheduleFree, dict(foreach=True, fused=True), "foreach=True and fused=True are exclusive"),
+])
+def test_invalid_hyperparameters_name_the_value(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cls(_model().parameters(), **kwargs)
+
+
+def test_invalid_value_in_a_param_group_is_caught():
+    model = _model()
+    with pytest.raises(ValueError, match="Invalid learning rate: -0.5"):
+        sf_dist.AdamWScheduleFree([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": -0.5}])
+
+
+@pytest.mark.parametrize("cls", [sf_dist.AdamWScheduleFree, sf_dist.SGDScheduleFree, sf_dist.RAdamScheduleFree])
+def test_step_in_eval_mode_raises_and_changes_nothing(cls):
+    model = _model()
+    opt = cls(model.parameters())
+    with pytest.raises(RuntimeError, match=r"call optimizer.train\(\)|Call optimizer.train\(\)"):
+        opt.step()  # constructed in eval mode, like the reference
+    opt.train()
+    _train(model, opt, 3)
+    opt.eval()
+    x, y = _batch(99)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    before = _snapshot(model, opt)
+    calls = []
+    with pytest.raises(RuntimeError, match="Call optimizer.train()"):
+        opt.step(closure=lambda: calls.append(1))
+    assert calls == []  # the closure is not even evaluated
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_train_and_eval_are_idempotent():
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.05)
+    opt.train()
+    _train(model, opt, 4)
+    y = _snapshot(model, opt)
+    opt.train()
+    _assert_same(y, _snapshot(model, opt))
+    opt.eval()
+    x = _snapshot(model, opt)
+    opt.eval()
+    _assert_same(x, _snapshot(model, opt))
+    assert not opt.train_mode
+    opt.train()
+    assert opt.train_mode
+    for a, b in zip(y[0], _snapshot(model, opt)[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_params_without_grads_empty_groups_and_late_grads_match_reference():
+    """A frozen param, an empty group and a param that first gets a gradient at step 5."""
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    ours_p = [t.clone().requires_grad_() for t in init]
+    ref_p = [t.clone().requires_grad_() for t in init]
+    ours = sf_dist.AdamWScheduleFree([{"params": ours_p[:2]}, {"params": []}, {"params": ours_p[2:], "lr": 0.01}])
+    ref = schedulefree.AdamWScheduleFree([{"params": ref_p[:2]}, {"params": []}, {"params": ref_p[2:], "lr": 0.01}])
+    ours.train(), ref.train()
+    for k in range(12):
+        gen = torch.Generator().manual_seed(k)
+        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+            g = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+            live = i == 0 or (i == 2 and k >= 5)  # param 1 never has a grad
+            a.grad = g.clone() if live else None
+            b.grad = g.clone() if live else None
+        ours.step(), ref.step()
+    assert "z" not in ours.state.get(ours_p[1], {})
+    for when in ("train", "eval"):
+        getattr(ours, when)(), getattr(ref, when)()
+        for a, b in zip(ours_p, ref_p):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    assert torch.equal(ours_p[1], init[1])
+
+
+def test_swap_never_inserts_empty_state():
+    """train()/eval() must not create state entries (DCP would then skip creating z)."""
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters())
+    opt.train(), opt.eval(), opt.train()
+    assert len(opt.state) == 0
+    opt.init_state()
+    assert len(opt.state) == 4 and all("z" in s and "exp_avg_sq" in s for s in opt.state.values())
+    assert opt.param_groups[0]["k"] == 0 and opt.param_groups[0]["weight_sum"] == 0.0
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_state_dict_round_trip_with_schedulefree(ours_first):
+    """Save from one implementation mid-run, load into the other, continue: same trajectory."""
+    make_ours = lambda m: sf_dist.AdamWScheduleFree(m.parameters(), lr=0.02, weight_decay=0.01, warmup_steps=3)
+    make_ref = lambda m: schedulefree.AdamWScheduleFree(m.parameters(), lr=0.02, weight_decay=0.01, warmup_steps=3)
+    first, second = (make_ours, make_ref) if ours_first else (make_ref, make_ours)
+
+    straight = _model()
+    opt = first(straight)
+    opt.train()
+    _train(straight, opt, 12)
+    opt.eval()
+
+    model_a = _model()
+    opt_a = first(model_a)
+    opt_a.train()
+    _train(model_a, opt_a, 6)
+    opt_a.eval()  # the usual way to checkpoint: eval weights in the model
+    saved_model, saved_opt = copy.deepcopy(model_a.state_dict()), copy.deepcopy(opt_a.state_dict())
+
+    model_b = _model(seed=7)
+    model_b.load_state_dict(saved_model)
+    opt_b = second(model_b)
+    opt_b.load_state_dict(saved_opt)
+    opt_b.train()
+    _train(model_b, opt_b, 6, start=6)
+    opt_b.eval()
+    for a, b in zip(straight.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    assert opt_b.param_groups[0]["k"] == 12
+
+
+def _flat_halves(rank, world_size):
+    """Each rank steps its contiguous slice of one flat vector; gather and return the whole."""
+    import torch.distributed as dist
+
+    n = 23
+    chunk = -(-n // world_size)  # uneven: 12 + 11 at W=2
+    full = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lo, hi = rank * chunk, min(n, (rank + 1) * chunk)
+    results = {}
+    for name, cls, hp in [("adamw", sf_dist.AdamWScheduleFree, dict(lr=0.05, weight_decay=0.1, warmup_steps=3)),
+                          ("sgd", sf_dist.SGDScheduleFree, dict(lr=0.5, weight_decay=0.1, decay_at="all")),
+                          ("radam", sf_dist.RAdamScheduleFree, dict(lr=0.05, decay_at="z", weight_decay=0.1))]:
+        shard = full[lo:hi].clone().requires_grad_()
+        opt = cls([shard], **hp)
+        opt.train()
+        for k in range(15):
+            g = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+            shard.grad = g[lo:hi].clone()
+            opt.step()
+        out = {}
+        for mode in ("train", "eval"):
+            getattr(opt, mode)()
+            padded = torch.zeros(chunk, dtype=torch.float64)
+            padded[: hi - lo] = shard.detach()
+            parts = [torch.zeros(chunk, dtype=torch.float64) for _ in range(world_size)]
+            dist.all_gather(parts, padded)
+            out[mode] = torch.cat(parts)[:n]
+        results[name] = out
+    return results
+
+
+def test_two_ranks_stepping_halves_equal_one_rank_stepping_the_whole():
+    ranks = run_distributed(_flat_halves, 2)
+    single = run_distributed(_flat_halves, 1)[0]
+    for name in single:
+        for mode in ("train", "eval"):
+            for r in range(2):
+                assert torch.equal(ranks[r][name][mode], single[name][mode]), (name, mode, r)
