@@ -131,7 +131,7 @@ def _x_maker(model: nn.Module, optimizer: Any) -> Optional[Callable[[Tensor], Te
                 by_storage[_storage_key(local(p))] = (local(state["z"]), weight, bool(group["foreach"]))
 
     def to_x(value: Tensor) -> Tensor:
-        found = by_storage.get(_storage_key(local(value))) if isinstance(value, Tensor) else None
+        found = by_storage.get(_storage_key(local(value))) if _is_tensor(value) else None
         if found is None:
             return value
         z, weight, foreach = found
@@ -141,6 +141,16 @@ def _x_maker(model: nn.Module, optimizer: Any) -> Optional[Callable[[Tensor], Te
         return x
 
     return to_x
+
+
+def _is_sharded_tensor(value: Any) -> bool:
+    """FSDP1's ShardedTensor (a Tensor subclass whose data lives in local_shards())."""
+    return hasattr(value, "local_shards")
+
+
+def _is_tensor(value: Any) -> bool:
+    """A tensor value of a state dict (plain, DTensor or ShardedTensor), not an extra_state object."""
+    return isinstance(value, Tensor) or _is_sharded_tensor(value)
 
 
 def _storage_key(t: Tensor) -> tuple:
@@ -161,8 +171,9 @@ def _x_view(model: nn.Module, optimizer: Any) -> Iterator[Callable[[Tensor], Ten
     live = {local(p).untyped_storage().data_ptr() for p in model.parameters() if local(p).numel() > 0}
 
     def copy_if_alias(value: Tensor) -> Tensor:
-        aliased = isinstance(value, Tensor) and local(value).numel() > 0 and \
-            local(value).untyped_storage().data_ptr() in live
+        if not _is_tensor(value) or _is_sharded_tensor(value):  # FSDP1's shards are copies already
+            return value
+        aliased = local(value).numel() > 0 and local(value).untyped_storage().data_ptr() in live
         return value.detach().clone() if aliased else value
 
     with eval_weights(model, optimizer):
@@ -191,7 +202,7 @@ def _gather(value: Any) -> Optional[Tensor]:
     if isinstance(value, DTensor):
         full = value.full_tensor()
         return full if _rank() == 0 else None
-    if hasattr(value, "local_shards"):  # FSDP1's ShardedTensor
+    if _is_sharded_tensor(value):
         out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value)) if _rank() == 0 else None
         value.gather(dst=0, out=out)
         return out
@@ -221,18 +232,17 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
     with _x_view(model, optimizer) as to_x:
         for name, value in _sharded_state_dict(model).items():
             if not full:
-                out[name] = to_x(value) if isinstance(value, Tensor) else value
+                out[name] = to_x(value)
                 continue
-            if not isinstance(value, Tensor) and not hasattr(value, "local_shards"):
+            if not _is_tensor(value):
                 continue  # extra_state objects: not weights
-            whole = _gather(to_x(value) if isinstance(value, Tensor) else value)
+            whole = _gather(to_x(value))
             if whole is None:
                 continue
-            source = local(value) if isinstance(value, Tensor) else None
             if cpu_offload:
                 whole = whole.cpu()
-            if source is not None and whole.numel() > 0 and whole.data_ptr() == source.data_ptr():
-                whole = whole.clone()  # never hand out the live parameter
+            if type(value) is Tensor and whole.numel() > 0 and whole.data_ptr() == value.data_ptr():
+                whole = whole.clone()  # never hand out a live parameter or buffer
             out[name] = whole
     return out
 
@@ -254,13 +264,12 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
         _barrier()
         return
     with _x_view(model, optimizer) as to_x:
-        entries = [(n, v) for n, v in _sharded_state_dict(model).items()
-                   if isinstance(v, Tensor) or hasattr(v, "local_shards")]
+        entries = [(n, v) for n, v in _sharded_state_dict(model).items() if _is_tensor(v)]
         writer = _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]) \
             if _rank() == 0 else None
         try:
             for name, value in entries:
-                whole = _gather(to_x(value) if isinstance(value, Tensor) else value)
+                whole = _gather(to_x(value))
                 if writer is not None:
                     writer.write(name, whole)
                 del whole
@@ -352,8 +361,7 @@ def register_eval_state_dict_hook(model: nn.Module, optimizer: Any) -> EvalState
         with _x_view(model, optimizer) as to_x:
             sd = plain_state_dict(*args, **kwargs)
             for key, value in sd.items():
-                if isinstance(value, Tensor):
-                    sd[key] = to_x(value)
+                sd[key] = to_x(value)
         return sd
 
     model.__dict__["state_dict"] = state_dict
