@@ -1,0 +1,51 @@
+"""Optimizers the LM examples compare: the sf_dist Schedule-Free family and torch AdamW baselines."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+import sf_dist
+
+SCHEDULE_FREE = {"sf_adamw": sf_dist.AdamWScheduleFree, "sf_sgd": sf_dist.SGDScheduleFree,
+                 "sf_radam": sf_dist.RAdamScheduleFree}
+BASELINES = ("adamw_cosine", "adamw_constant")
+OPTIMIZERS = tuple(SCHEDULE_FREE) + BASELINES
+
+
+def sf_defaults(name: str, lr: float, warmup: int, weight_decay: float) -> dict:
+    """Keyword arguments for the Schedule-Free class ``name`` (RAdam has no warmup: it rectifies)."""
+    kwargs = dict(lr=lr, weight_decay=weight_decay)
+    if name != "sf_radam":
+        kwargs["warmup_steps"] = warmup
+    return kwargs
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """lr multiplier: linear warmup to 1, then cosine decay to exactly 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def warmup_constant(step: int, warmup: int) -> float:
+    """lr multiplier: linear warmup to 1, then constant."""
+    return (step + 1) / warmup if step < warmup else 1.0
+
+
+def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, warmup: int, steps: int,
+                    weight_decay: float = 0.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | None]:
+    """(optimizer, scheduler); the scheduler is None for Schedule-Free, which needs none."""
+    if name in SCHEDULE_FREE:
+        return SCHEDULE_FREE[name](params, **sf_defaults(name, lr, warmup, weight_decay)), None
+    if name not in BASELINES:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {OPTIMIZERS}")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw_cosine":
+        factor = lambda s: warmup_cosine(s, warmup, steps)  # noqa: E731
+    else:
+        factor = lambda s: warmup_constant(s, warmup)  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
