@@ -1,0 +1,355 @@
+"""DeepSpeed glue: a Schedule-Free "optimizer" entry in ds_config, and train()/eval() that reach the model.
+
+DeepSpeed rejects optimizer types outside its own list and never calls optimizer.train()/eval().
+Under ZeRO the Schedule-Free optimizer only sees DeepSpeed's flat fp32 master partitions, so a
+bare eval() would change the masters but not the weights the forward pass uses. ``initialize``
+builds our optimizer from the config, hands it to DeepSpeed as a client optimizer, and gives the
+engine's optimizer a ``train()``/``eval()`` that swap the masters and then refresh the model's
+(low-precision or partitioned) weights.
+
+>>> engine, optimizer, _, _ = sf_dist.deepspeed.initialize(model=model, config="ds_config.json")
+>>> optimizer.train()   # before training steps
+>>> optimizer.eval()    # the model now computes with x, the eval weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
+
+OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
+
+SCHEDULER_REFUSAL = (
+    "ds_config has a 'scheduler' entry ({name}) next to the Schedule-Free optimizer {opt}. "
+    "Schedule-Free needs no lr schedule: its average x is what a decaying schedule would "
+    "approximate, and a scheduler that lowers lr would also change the averaging weights. "
+    "Put warmup in the optimizer's params instead (\"warmup_steps\": N; RAdamScheduleFree needs "
+    "none) and remove the scheduler, or pass allow_scheduler=True if you really want both."
+)
+
+
+def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimizer: Any = None,
+               model_parameters: Any = None, *, config: Any = None, allow_scheduler: bool = False,
+               **kwargs: Any) -> tuple:
+    """Drop-in for ``deepspeed.initialize`` that also accepts a Schedule-Free optimizer entry.
+
+    ``config`` (dict or JSON path; or ``config_params`` / ``args.deepspeed_config`` as in
+    DeepSpeed) may name ``AdamWScheduleFree``, ``SGDScheduleFree`` or ``RAdamScheduleFree``
+    (any case) as ``optimizer.type``, its ``params`` going to the constructor. A Schedule-Free
+    optimizer may also be passed as ``optimizer=``. Returns ``(engine, optimizer, dataloader,
+    lr_scheduler)`` like DeepSpeed; the optimizer has ``train()``, ``eval()`` and ``train_mode``.
+    Configs without Schedule-Free pass through to DeepSpeed untouched.
+    """
+    import deepspeed
+
+    if config is None and kwargs.get("config_params") is not None:
+        config = kwargs.pop("config_params")
+    if config is None and getattr(args, "deepspeed_config", None) is not None:
+        config = args.deepspeed_config
+        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
+    config = _load_config(config)
+    entry = config.get("optimizer") or {}
+    name = entry.get("type")
+    schedule_free = isinstance(optimizer, ScheduleFreeOptimizer)
+    if name is not None:
+        schedule_free = _check_name(name) or schedule_free
+    if not schedule_free:
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                    model_parameters=model_parameters, config=config, **kwargs)
+
+    if model is None:
+        raise ValueError("sf_dist.deepspeed.initialize requires model=")
+    sf_name = type(optimizer).__name__ if optimizer is not None else name
+    _refuse_scheduler(config, kwargs.get("lr_scheduler"), sf_name, allow_scheduler)
+    config = _prepare_config(config)
+    if name is not None and name.lower() in OPTIMIZERS:
+        if optimizer is not None:
+            raise ValueError(f"ds_config names the optimizer {name!r} and optimizer={type(optimizer).__name__} "
+                             "was also passed: give the optimizer in one place only")
+        optimizer = _build(name, entry.get("params", {}), model, model_parameters)
+        config = {k: v for k, v in config.items() if k != "optimizer"}
+
+    with _init_state_instead_of_step(optimizer):
+        engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, config=config, **kwargs)
+    return engine, attach(engine_optimizer), dataloader, scheduler
+
+
+@contextlib.contextmanager
+def _init_state_instead_of_step(optimizer: ScheduleFreeOptimizer) -> Iterator[None]:
+    """DeepSpeed's fp16/bf16 wrappers at ZeRO-0 run a zero-gradient step() at construction to create state.
+
+    For Schedule-Free that step raises in eval mode, or in train mode advances k and weight_sum
+    and applies weight decay: while DeepSpeed builds, step() only creates the state.
+    """
+    optimizer.step = lambda closure=None: optimizer.init_state()
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+def _load_config(config: Any) -> dict:
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= (a dict or a path to ds_config.json)")
+    if isinstance(config, dict):
+        return config
+    with open(config) as f:
+        return json.load(f)
+
+
+def _check_name(name: str) -> bool:
+    """True for one of our names; False for a DeepSpeed built-in; ValueError for anything else."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if name.lower() in OPTIMIZERS:
+        return True
+    if name.lower() in DEEPSPEED_OPTIMIZERS:
+        return False
+    ours = ", ".join(cls.__name__ for cls in OPTIMIZERS.values())
+    raise ValueError(f"unknown optimizer type {name!r} in ds_config: valid Schedule-Free types are {ours} "
+                     f"(any case); DeepSpeed's own are {', '.join(sorted(DEEPSPEED_OPTIMIZERS))}")
+
+
+def _refuse_scheduler(config: dict, lr_scheduler: Any, opt_name: str, allow: bool) -> None:
+    scheduler = config.get("scheduler")
+    if allow or (scheduler is None and lr_scheduler is None):
+        return
+    what = repr(scheduler.get("type")) if isinstance(scheduler, dict) else type(lr_scheduler).__name__
+    raise ValueError(SCHEDULER_REFUSAL.format(name=what, opt=opt_name))
+
+
+def _prepare_config(config: dict) -> dict:
+    """Allow our client optimizer under ZeRO; refuse the settings that would lose Schedule-Free state."""
+    zero = config.get("zero_optimization") or {}
+    if zero.get("elastic_checkpoint"):
+        raise ValueError("zero_optimization.elastic_checkpoint=true saves only per-tensor optimizer state and "
+                         "drops Schedule-Free's k, weight_sum and lr_max: set it to false")
+    offload = zero.get("offload_optimizer") or {}
+    if offload.get("device") == "nvme":
+        raise ValueError("offload_optimizer.device='nvme' keeps the fp32 masters and z on disk outside step(), "
+                         "where train()/eval() cannot swap them: use device 'cpu' or 'none'")
+    if zero.get("stage", 0) >= 1 and "zero_allow_untested_optimizer" not in config:
+        config = {**config, "zero_allow_untested_optimizer": True}
+    return config
+
+
+def _build(name: str, params: dict, model: torch.nn.Module, model_parameters: Any) -> ScheduleFreeOptimizer:
+    cls = OPTIMIZERS[name.lower()]
+    params = dict(params)
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    if model_parameters is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return cls(model_parameters, **params)
+    except TypeError as err:
+        import inspect
+
+        valid = [p for p in inspect.signature(cls).parameters if p != "params"]
+        raise ValueError(f"bad params for {cls.__name__} in ds_config ({err}); valid keys: {valid}") from None
+
+
+# ---- train()/eval() on the engine's optimizer ------------------------------------------------
+
+class _EngineScheduleFree:
+    """Mixed into the engine's optimizer class: swap the fp32 masters, then refresh the model."""
+
+    @property
+    def train_mode(self) -> bool:
+        """True when the masters (and model weights) hold y, False when they hold x."""
+        return all(group["train_mode"] for group in self.optimizer.param_groups)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put y in the masters and the model's weights (no-op when already training)."""
+        self._sf_swap(to_train=True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put x in the masters and the model's weights (no-op when already in eval mode)."""
+        self._sf_swap(to_train=False)
+
+    def _sf_swap(self, to_train: bool) -> None:
+        if all(g["train_mode"] == to_train for g in self.optimizer.param_groups):
+            return
+        self.optimizer.train() if to_train else self.optimizer.eval()
+        self._sf_refresh()
+
+    def _sf_init_state(self) -> None:
+        self.optimizer.init_state()
+
+
+class _ZeRO12(_EngineScheduleFree):
+    """ZeRO-1/2 (DeepSpeedZeroOptimizer) and the BF16 optimizer: one flat fp32 partition per group."""
+
+    def _sf_refresh(self) -> None:
+        self.update_lp_params()
+
+
+class _Unfused(_EngineScheduleFree):
+    """ZeRO-0 with bf16/fp16: full fp32 copies of each param, copied into the model after step."""
+
+    def _sf_refresh(self) -> None:
+        for fp32_group, lp_group in zip(self.fp32_groups, self.fp16_groups):
+            for fp32, lp in zip(fp32_group, lp_group):
+                lp.data.copy_(fp32.data)
+
+
+class _ZeRO3(_EngineScheduleFree):
+    """ZeRO-3: param_groups are empty outside step(); the masters are fp32_partitioned_groups_flat.
+
+    DeepSpeed also steps the base optimizer once per sub-group, with every other group visible
+    and empty: the counters of all groups are restored so each advances exactly once per step.
+    """
+
+    def _sf_swap(self, to_train: bool) -> None:
+        if all(g["train_mode"] == to_train for g in self.optimizer.param_groups):
+            return
+        self._partition_all_parameters()
+        with self._sf_masters_visible():
+            self.optimizer.train() if to_train else self.optimizer.eval()
+        for sub_group_id in range(len(self.fp16_groups)):
+            self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+        if self.persistent_parameters:
+            self.persistent_parameters[0].all_gather(self.persistent_parameters)
+
+    def _sf_init_state(self) -> None:
+        with self._sf_masters_visible():
+            self.optimizer.init_state()
+
+    @contextlib.contextmanager
+    def _sf_masters_visible(self) -> Iterator[None]:
+        self._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            self._clear_fp32_optimizer_param_groups()
+
+    def step(self, closure: Any = None) -> Any:
+        groups = self.optimizer.param_groups
+        self._sf_before = [_counters(g) for g in groups]
+        self._sf_after: dict[int, dict] = {}
+        try:
+            return super().step(closure)
+        finally:
+            for i, group in enumerate(groups):
+                group.update(self._sf_after.get(i, self._sf_before[i]))
+
+    def _optimizer_step(self, sub_group_id: int) -> None:
+        stepped = self.sub_group_to_group_id[sub_group_id]
+        groups = self.optimizer.param_groups
+        for group, before in zip(groups, self._sf_before):
+            group.update(before)
+        super()._optimizer_step(sub_group_id)
+        self._sf_after[stepped] = _counters(groups[stepped])
+
+
+def _counters(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+_MIXED: dict[type, type] = {}
+
+
+def attach(engine_optimizer: Any) -> Any:
+    """Give DeepSpeed's optimizer wrapper Schedule-Free ``train()``/``eval()``/``train_mode``, in place.
+
+    Returns the same object (its class swapped for a subclass that adds the three); our own
+    optimizer (ZeRO-0 in fp32) is returned unchanged. z and the moments are created now, not at
+    the first step: DeepSpeed links its per-param views of the optimizer state (used by
+    safe_get_full_optimizer_state and universal checkpoints) after the FIRST group's step, and
+    would miss the state of every other group.
+    """
+    if isinstance(engine_optimizer, (ScheduleFreeOptimizer, _EngineScheduleFree)):
+        return engine_optimizer
+    base = getattr(engine_optimizer, "optimizer", None)
+    if not isinstance(base, ScheduleFreeOptimizer):
+        raise TypeError(f"{type(engine_optimizer).__name__} does not wrap a Schedule-Free optimizer "
+                        f"(it wraps {type(base).__name__})")
+    if hasattr(engine_optimizer, "fp32_partitioned_groups_flat"):
+        mixin = _ZeRO3
+    elif hasattr(engine_optimizer, "update_lp_params"):
+        mixin = _ZeRO12
+    elif hasattr(engine_optimizer, "fp32_groups") and hasattr(engine_optimizer, "fp16_groups"):
+        mixin = _Unfused
+    else:
+        raise TypeError(f"unsupported DeepSpeed optimizer wrapper {type(engine_optimizer).__name__}: "
+                        "Schedule-Free train()/eval() know ZeRO-0/1/2/3 and DeepSpeed's BF16 optimizer")
+    cls = type(engine_optimizer)
+    if cls not in _MIXED:
+        _MIXED[cls] = type(f"ScheduleFree{cls.__name__}", (mixin, cls), {})
+    engine_optimizer.__class__ = _MIXED[cls]
+    engine_optimizer._sf_init_state()
+    return engine_optimizer
+
+
+# ---- weights in plain names ------------------------------------------------------------------
+
+@torch.no_grad()
+def engine_state_dict(engine: Any, full: bool = True, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
+    """The engine's current fp32 weights (x in eval mode, y in train mode) under plain module names.
+
+    Collective: call on every rank. Params come from DeepSpeed's fp32 masters, buffers from the
+    module. Rank 0 gets full tensors, the others ``{}``.
+    """
+    if not full:
+        raise ValueError("full=False is not supported for DeepSpeed engines: their shards are flat "
+                         "partitions with no per-name layout. Use full=True, or engine.save_checkpoint "
+                         "and `python -m sf_dist.export` for a sharded save")
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    masters = _stage0_masters(engine.optimizer)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in masters:
+            value = masters[id(p)]
+        elif p.requires_grad:
+            value = safe_get_full_fp32_param(p)  # collective at ZeRO-1/2/3
+            if value is None:
+                value = p
+        else:
+            value = _full_frozen(p)
+        if rank0:
+            out[name] = _copy(value.reshape(_shape(p)), cpu_offload, torch.float32)
+    if rank0:
+        non_persistent = {f"{m}.{b}" if m else b for m, sub in module.named_modules()
+                          for b in sub._non_persistent_buffers_set}
+        for name, buf in module.named_buffers(remove_duplicate=False):
+            if name not in non_persistent:
+                out[name] = _copy(buf, cpu_offload, buf.dtype)
+    return out
+
+
+def _stage0_masters(engine_optimizer: Any) -> dict[int, torch.Tensor]:
+    """ZeRO-0 with bf16/fp16 keeps full fp32 copies beside the model params: map model param -> copy."""
+    if hasattr(engine_optimizer, "fp32_groups") and hasattr(engine_optimizer, "fp16_groups"):
+        return {id(lp): fp32 for lp_g, fp32_g in zip(engine_optimizer.fp16_groups, engine_optimizer.fp32_groups)
+                for lp, fp32 in zip(lp_g, fp32_g)}
+    return {}
+
+
+def _full_frozen(p: torch.Tensor) -> torch.Tensor:
+    if hasattr(p, "ds_id"):  # ZeRO-3 partitioned, not trained: gather it
+        from deepspeed import zero
+
+        with zero.GatheredParameters([p]):
+            return p.data.clone()
+    return p
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _copy(t: torch.Tensor, cpu_offload: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A copy that does not alias the live weights (they change at the next train()/step)."""
+    return t.detach().to(device="cpu" if cpu_offload else t.device, dtype=dtype, copy=True)

@@ -1,0 +1,371 @@
+"""DeepSpeed: Schedule-Free from ds_config at ZeRO-0..3, eval weights that reach the model, checkpoints, export.
+
+Oracle: schedulefree 1.4.1 in float64 on the full batch, one process. DeepSpeed keeps fp32
+masters, hence rtol 1e-4 / atol 1e-6. Each spawn (W=2, gloo) groups many engines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("deepspeed")
+schedulefree = pytest.importorskip("schedulefree")
+
+import sf_dist  # noqa: E402
+from sf_dist import deepspeed as sfds  # noqa: E402
+from sf_dist.export import eval_state_dict_from_checkpoint, main as export_main  # noqa: E402
+from dist import run_distributed  # noqa: E402
+
+WORLD, MICRO, STEPS, SAVE_AT = 2, 4, 8, 4
+RTOL, ATOL = 1e-4, 1e-6
+PARAMS = {
+    "AdamWScheduleFree": {"lr": 0.05, "betas": [0.9, 0.999], "warmup_steps": 3, "weight_decay": 0.01},
+    "SGDScheduleFree": {"lr": 0.2, "momentum": 0.9, "warmup_steps": 2, "weight_decay": 0.01},
+    "RAdamScheduleFree": {"lr": 0.05, "betas": [0.9, 0.999], "weight_decay": 0.01},
+}
+REFERENCE = {"AdamWScheduleFree": schedulefree.AdamWScheduleFree, "SGDScheduleFree": schedulefree.SGDScheduleFree,
+             "RAdamScheduleFree": schedulefree.RAdamScheduleFree}
+# ZeRO-3: weights partitioned, biases persistent (gathered all the time), and two param groups
+# split into three sub-groups, so the base optimizer is stepped several times per engine step.
+STAGE3 = {"stage3_param_persistence_threshold": 10, "sub_group_size": 20}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.register_buffer("scale", torch.tensor([1.0, 2.0, 0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x))) * self.scale.to(x.dtype)
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    """Two param groups: decay on the weights, none on the biases."""
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if n.endswith("weight")]},
+            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(WORLD * MICRO, 6, generator=g), torch.randn(WORLD * MICRO, 3, generator=g)
+
+
+X_TEST = torch.linspace(-1, 1, 18).reshape(3, 6)
+
+
+def _config(stage: int, opt: str = "AdamWScheduleFree", bf16: bool = False, **extra) -> dict:
+    zero = {"stage": stage, **(STAGE3 if stage == 3 else {})}
+    cfg = {"train_micro_batch_size_per_gpu": MICRO, "steps_per_print": 10**9, "zero_optimization": zero,
+           "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; the reference does not clip
+           "optimizer": {"type": opt, "params": PARAMS.get(opt, {})}, **extra}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+# ---- the reference, single process, float64, full batch ---------------------------------------
+
+def _reference(opt_name: str, steps: int) -> dict[str, object]:
+    model = Net().double()
+    params = {k: tuple(v) if k == "betas" else v for k, v in PARAMS[opt_name].items()}
+    opt = REFERENCE[opt_name](_groups(model), **params)
+    opt.train()
+    for step in range(steps):
+        x, y = _batch(step)
+        opt.zero_grad()
+        F.mse_loss(model(x.double()), y.double()).backward()
+        opt.step()
+    y_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.eval()
+    with torch.no_grad():
+        out = model(X_TEST.double())
+    counters = [(g["k"], g["weight_sum"], g["lr_max"]) for g in opt.param_groups]
+    return {"y": y_weights, "x": {k: v.clone() for k, v in model.state_dict().items()}, "out": out,
+            "counters": counters}
+
+
+def _close(actual: dict, expected: dict, rtol: float = RTOL, atol: float = ATOL) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name].double(), expected[name].double(), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---- workers (run on every rank) -----------------------------------------------------------
+
+def _base(opt):
+    return opt if isinstance(opt, sf_dist.ScheduleFreeOptimizer) else opt.optimizer
+
+
+def _counters(opt) -> list[tuple]:
+    return [(g["k"], g["weight_sum"], g["lr_max"]) for g in _base(opt).param_groups]
+
+
+def _train(engine, rank: int, steps: range) -> list[float]:
+    losses = []
+    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+    for step in steps:
+        x, y = _batch(step)
+        loss = F.mse_loss(engine(x[rows].to(engine.module.fc1.weight.dtype)).float(), y[rows])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _engine(config: dict, **kwargs):
+    model = Net()
+    engine, opt, _, _ = sfds.initialize(model=model, config=config, model_parameters=_groups(model), **kwargs)
+    return engine, opt
+
+
+def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
+    """Per stage: 8 steps with an eval-mode save at 4 and a train-mode save at 8, then resume from 4."""
+    results = {}
+    for stage in (0, 1, 2, 3):
+        ckpt = os.path.join(ckpt_root, f"stage{stage}")
+        rec = results[stage] = {}
+        engine, opt = _engine(_config(stage))
+        rec["wrapper"] = type(opt).__name__
+        opt.train()
+        _train(engine, rank, range(SAVE_AT))
+        opt.eval()
+        rec["x4"] = sfds.engine_state_dict(engine)
+        rec["counters4"] = _counters(opt)
+        engine.save_checkpoint(ckpt, tag="eval4")
+        opt.train()
+        _train(engine, rank, range(SAVE_AT, STEPS))
+        rec["y"] = sfds.engine_state_dict(engine)
+        engine.save_checkpoint(ckpt, tag="train8")
+        opt.eval()
+        rec["x"] = sfds.engine_state_dict(engine)
+        rec["mode_after_eval"] = opt.train_mode
+        with torch.no_grad():
+            rec["out"] = engine(X_TEST)
+        rec["counters"] = _counters(opt)
+        opt.train()
+        rec["y_round_trip"] = sfds.engine_state_dict(engine)
+
+        engine, opt = _engine(_config(stage))
+        engine.load_checkpoint(ckpt, tag="eval4")
+        rec["resumed_mode"] = opt.train_mode
+        rec["resumed_counters"] = _counters(opt)
+        rec["resumed_x4"] = sfds.engine_state_dict(engine)
+        with torch.no_grad():
+            rec["resumed_out4"] = engine(X_TEST)
+        opt.train()
+        _train(engine, rank, range(SAVE_AT, STEPS))
+        rec["resumed_y"] = sfds.engine_state_dict(engine)
+
+    # The other two optimizers, named in other cases; a built-in optimizer; a scheduler allowed.
+    for stage, name, spelled in ((2, "SGDScheduleFree", "sgdschedulefree"), (3, "RAdamScheduleFree", "RADAMSCHEDULEFREE")):
+        cfg = _config(stage)
+        cfg["optimizer"] = {"type": spelled, "params": PARAMS[name]}
+        engine, opt = _engine(cfg)
+        opt.train()
+        _train(engine, rank, range(STEPS))
+        rec = results[name] = {"y": sfds.engine_state_dict(engine), "base": type(_base(opt)).__name__}
+        opt.eval()
+        rec["x"] = sfds.engine_state_dict(engine)
+
+    builtin = _config(1)
+    builtin["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
+    engine, opt = _engine(builtin)
+    results["builtin"] = {"base": type(opt.optimizer).__name__, "has_train_mode": hasattr(opt, "train_mode")}
+    sched = _config(1, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 2}})
+    engine, opt = _engine(sched, allow_scheduler=True)
+    results["scheduler"] = type(engine.lr_scheduler).__name__
+    return results
+
+
+def _full_z(engine, p: torch.Tensor) -> torch.Tensor:
+    """z of one model param, gathered to full size (collective at ZeRO-1/2/3)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    masters = sfds._stage0_masters(engine.optimizer)
+    if id(p) in masters:
+        return _base(engine.optimizer).state[masters[id(p)]]["z"]
+    return safe_get_full_optimizer_state(p, "z").reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+
+
+def _model_weights(engine) -> dict[str, torch.Tensor]:
+    """The low-precision weights the forward pass uses, gathered at ZeRO-3."""
+    from deepspeed import zero
+
+    params = dict(engine.module.named_parameters())
+    with zero.GatheredParameters(list(params.values()), enabled=hasattr(params["fc1.weight"], "ds_id")):
+        return {n: p.data.clone() for n, p in params.items()}
+
+
+def _bf16_worker(rank: int, world: int) -> dict:
+    """bf16 at ZeRO-0..3 (and DeepSpeed's BF16 optimizer): eval() puts x in the masters and the model."""
+    cases = {0: _config(0, bf16=True), 1: _config(1, bf16=True), 2: _config(2, bf16=True), 3: _config(3, bf16=True),
+             "bf16_optimizer": _config(1, bf16=True, data_types={"grad_accum_dtype": "fp32"})}
+    results = {}
+    for case, cfg in cases.items():
+        engine, opt = _engine(cfg)
+        opt.train()
+        rec = results[case] = {"wrapper": type(opt).__name__, "losses": _train(engine, rank, range(STEPS))}
+        y = sfds.engine_state_dict(engine)
+        z = {n: _full_z(engine, p) for n, p in engine.module.named_parameters()}
+        opt.eval()
+        rec["x"] = sfds.engine_state_dict(engine)
+        rec["model_at_eval"] = _model_weights(engine)
+        rec["model_dtype"] = str(engine.module.fc1.weight.dtype)
+        with torch.no_grad():
+            rec["out_finite"] = bool(torch.isfinite(engine(X_TEST.bfloat16()).float()).all())
+        opt.train()
+        rec["y_round_trip"] = sfds.engine_state_dict(engine)
+        rec["model_at_train"] = _model_weights(engine)
+        if rank == 0:
+            rec["y"], rec["z"] = y, {n: t.cpu().float() for n, t in z.items()}
+    return results
+
+
+# ---- tests --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp32_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds_ckpt")
+    return run_distributed(_fp32_worker, WORLD, str(root), timeout=240), root
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_train_and_eval_weights_match_reference(fp32_runs, stage):
+    ranks, _ = fp32_runs
+    rec, ref = ranks[0][stage], _reference("AdamWScheduleFree", STEPS)
+    assert ranks[1][stage]["x"] == {}  # full weights land on rank 0 only
+    _close(rec["y"], ref["y"])
+    _close(rec["x"], ref["x"])
+    assert rec["mode_after_eval"] is False
+    for (k, ws, lr_max), (rk, rws, rlr_max) in zip(rec["counters"], ref["counters"]):
+        assert k == rk == STEPS and ws == pytest.approx(rws, rel=1e-12) and lr_max == pytest.approx(rlr_max)
+    _close(rec["y_round_trip"], rec["y"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_forward_after_eval_runs_at_x(fp32_runs, stage):
+    ranks, _ = fp32_runs
+    ref = _reference("AdamWScheduleFree", STEPS)
+    for rank in ranks:  # every rank's model computes with x
+        torch.testing.assert_close(rank[stage]["out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_checkpoint_resumes_on_the_same_trajectory(fp32_runs, stage):
+    ranks, _ = fp32_runs
+    rec, ref4 = ranks[0][stage], _reference("AdamWScheduleFree", SAVE_AT)
+    _close(rec["x4"], ref4["x"])
+    assert rec["resumed_mode"] is False  # saved in eval mode, loaded in eval mode
+    assert rec["resumed_counters"] == rec["counters4"]
+    assert [c[0] for c in rec["counters4"]] == [SAVE_AT, SAVE_AT]
+    _close(rec["resumed_x4"], rec["x4"], rtol=0, atol=0)
+    for rank in ranks:
+        torch.testing.assert_close(rank[stage]["resumed_out4"].double(), ref4["out"], rtol=RTOL, atol=ATOL)
+    _close(rec["resumed_y"], rec["y"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offline_export_equals_live_eval_weights(fp32_runs, stage, tmp_path):
+    ranks, root = fp32_runs
+    rec = ranks[0][stage]
+    assert not dist.is_initialized()  # no process group here
+    _close(eval_state_dict_from_checkpoint(str(root / f"stage{stage}"), tag="eval4"), rec["x4"], rtol=0, atol=0)
+    out = tmp_path / "x.safetensors"
+    export_main([str(root / f"stage{stage}"), str(out)])  # 'latest' is train8, saved in train mode
+    from safetensors.torch import load_file
+
+    _close(load_file(str(out)), rec["x"], rtol=1e-6, atol=1e-7)
+
+
+def test_export_of_a_zero0_checkpoint_says_what_to_do(fp32_runs, tmp_path):
+    _, root = fp32_runs
+    with pytest.raises(FileNotFoundError, match="save_eval_weights"):
+        export_main([str(root / "stage0"), str(tmp_path / "x.safetensors")])
+
+
+def test_sgd_and_radam_from_config_any_case(fp32_runs):
+    ranks, _ = fp32_runs
+    for name in ("SGDScheduleFree", "RAdamScheduleFree"):
+        rec, ref = ranks[0][name], _reference(name, STEPS)
+        assert rec["base"] == name
+        _close(rec["y"], ref["y"])
+        _close(rec["x"], ref["x"])
+
+
+def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
+    ranks, _ = fp32_runs
+    assert ranks[0]["builtin"] == {"base": "AdamW", "has_train_mode": False}
+    assert ranks[0]["scheduler"] == "WarmupLR"
+
+
+@pytest.fixture(scope="module")
+def bf16_runs():
+    return run_distributed(_bf16_worker, WORLD, timeout=240)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3, "bf16_optimizer"])
+def test_bf16_eval_puts_rounded_x_in_the_model(bf16_runs, case):
+    rec = bf16_runs[0][case]
+    assert rec["model_dtype"] == "torch.bfloat16" and rec["out_finite"]
+    assert all(torch.isfinite(torch.tensor(rec["losses"])))
+    b1 = PARAMS["AdamWScheduleFree"]["betas"][0]
+    params = list(rec["model_at_eval"])
+    x_expected = {n: rec["y"][n].lerp(rec["z"][n], 1 - 1 / b1) for n in params}
+    _close({n: rec["x"][n] for n in params}, x_expected, rtol=1e-5, atol=1e-6)
+    for n in params:  # the model's bf16 weights are the fp32 x rounded, then y rounded again
+        assert torch.equal(rec["model_at_eval"][n], rec["x"][n].bfloat16()), n
+        assert torch.equal(rec["model_at_train"][n], rec["y_round_trip"][n].bfloat16()), n
+        assert not torch.equal(rec["x"][n], rec["y"][n]), n
+    _close(rec["y_round_trip"], rec["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_uses_the_expected_deepspeed_wrappers(bf16_runs):
+    wrappers = {case: rec["wrapper"] for case, rec in bf16_runs[0].items()}
+    assert wrappers == {0: "ScheduleFreeFP16_UnfusedOptimizer", 1: "ScheduleFreeDeepSpeedZeroOptimizer",
+                        2: "ScheduleFreeDeepSpeedZeroOptimizer", 3: "ScheduleFreeDeepSpeedZeroOptimizer_Stage3",
+                        "bf16_optimizer": "ScheduleFreeBF16_Optimizer"}
+
+
+# ---- config errors (raised before DeepSpeed starts: no process group needed) ----------------
+
+def test_unknown_optimizer_name_lists_the_valid_ones():
+    cfg = _config(1, opt="AdamScheduleFree")
+    with pytest.raises(ValueError, match="'AdamScheduleFree'.*AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree"):
+        sfds.initialize(model=Net(), config=cfg)
+
+
+def test_scheduler_is_refused_with_the_reason(tmp_path):
+    import json
+
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(_config(2, scheduler={"type": "WarmupLR", "params": {}})))
+    with pytest.raises(ValueError, match=r"(?s)'WarmupLR'.*needs no lr schedule.*warmup_steps.*allow_scheduler=True"):
+        sfds.initialize(model=Net(), config=str(path))
+    with pytest.raises(ValueError, match="LambdaLR.*allow_scheduler=True"):
+        model = Net()
+        opt = sf_dist.AdamWScheduleFree(model.parameters())
+        sfds.initialize(model=model, optimizer=opt, config={"train_micro_batch_size_per_gpu": 1},
+                        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
+def test_bad_config_entries_name_the_fix():
+    model = Net()
+    with pytest.raises(ValueError, match="valid keys.*warmup_steps"):
+        sfds.initialize(model=model, config=_config(1, opt="AdamWScheduleFree") | {
+            "optimizer": {"type": "AdamWScheduleFree", "params": {"lr": 1e-3, "warmup": 10}}})
+    with pytest.raises(ValueError, match="one place only"):
+        sfds.initialize(model=model, config=_config(1), optimizer=sf_dist.AdamWScheduleFree(model.parameters()))
+    with pytest.raises(ValueError, match="elastic_checkpoint.*set it to false"):
+        cfg = _config(2)
+        cfg["zero_optimization"]["elastic_checkpoint"] = True
+        sfds.initialize(model=model, config=cfg)
