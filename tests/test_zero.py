@@ -30,23 +30,24 @@ TINY = 1e-4  # bucket_cap_mb: 13 float64 elements, so most params get a bucket o
 
 
 class Net(nn.Module):
-    """Uneven sizes (35, 7, 21, 3, 4 elements) and one param that never gets a gradient."""
+    """Uneven sizes (35, 7, 21, 3, 4 elements); ``sometimes`` gets a gradient only every third step."""
 
     def __init__(self, dtype=torch.float64):
         super().__init__()
         torch.manual_seed(0)
         self.l1 = nn.Linear(5, 7).to(dtype)
         self.l2 = nn.Linear(7, 3).to(dtype)
-        self.unused = nn.Parameter(torch.randn(4, dtype=dtype))
+        self.sometimes = nn.Parameter(torch.randn(4, dtype=dtype))
 
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
+    def forward(self, x, step=1):
+        out = self.l2(torch.tanh(self.l1(x)))
+        return out + self.sometimes[:3] if step % 3 == 0 else out
 
 
 def _groups(net, kind):
-    """Two groups: decayed weights (+ the unused param) and undecayed biases at half the lr."""
+    """Two groups: decayed weights (+ ``sometimes``) and undecayed biases at half the lr."""
     lr = HP[kind]["lr"]
-    return [{"params": [net.l1.weight, net.l2.weight, net.unused], "weight_decay": 0.05},
+    return [{"params": [net.l1.weight, net.l2.weight, net.sometimes], "weight_decay": 0.05},
             {"params": [net.l1.bias, net.l2.bias], "weight_decay": 0.0, "lr": lr / 2}]
 
 
@@ -56,10 +57,12 @@ def _data(step):
                                                                                   dtype=torch.float64)
 
 
-def _backward(net, step, rank, world):
+def _backward(net, step, rank, world, micro=1):
+    """This rank's slice of the batch, in ``micro`` accumulated backward passes."""
     x, y = _data(step)
-    n = BATCH // world
-    nn.functional.mse_loss(net(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+    n = BATCH // world // micro
+    for m in range(rank * micro, (rank + 1) * micro):
+        (nn.functional.mse_loss(net(x[m * n:(m + 1) * n], step), y[m * n:(m + 1) * n]) / micro).backward()
 
 
 def _close(ours, ref, what):
@@ -70,8 +73,8 @@ def _close(ours, ref, what):
 class Pair:
     """A ZeroScheduleFree model and the single-process reference, stepped on the same batches."""
 
-    def __init__(self, rank, world, kind, stage, cap=25.0, clip=None):
-        self.rank, self.world, self.clip = rank, world, clip
+    def __init__(self, rank, world, kind, stage, cap=25.0, clip=None, micro=1):
+        self.rank, self.world, self.clip, self.micro = rank, world, clip, micro
         self.net, self.ref = Net(), Net()
         self.opt = ZeroScheduleFree(_groups(self.net, kind), OURS[kind], stage=stage, bucket_cap_mb=cap,
                                     **HP[kind])
@@ -82,7 +85,7 @@ class Pair:
 
     def steps(self, n, what):
         for _ in range(n):
-            _backward(self.net, self.k, self.rank, self.world)
+            _backward(self.net, self.k, self.rank, self.world, self.micro)
             _backward(self.ref, self.k, 0, 1)
             if self.clip is not None:
                 norm = self.opt.clip_grad_norm_(self.clip)
@@ -135,9 +138,9 @@ def _memory_and_traffic(rank, world):
         owned = sum(b.hi - b.lo for b in opt._all_buckets())
         assert held["state"] == 2 * owned and owned <= math.ceil(total / world) + nb, (held, owned, total)
         assert held["grad"] == owned and held["master"] == 0, held
-        expected = {"reduce_scatter" if stage == 2 else "all_reduce": [padded, nb]}
-        if world > 1:  # one rank already holds every weight
-            expected["all_gather"] = [padded, nb]
+        expected = {"reduce_scatter" if stage == 2 else "all_reduce": [padded, nb], "all_gather": [padded, nb]}
+        if world == 1:  # nothing to reduce or gather
+            expected = {}
         assert sent == expected, (sent, expected)
         assert abs(padded - ddp_volume) < world * nb, (padded, ddp_volume)
         out[stage] = {"state": held["state"], "grad": held["grad"], "total": total}
@@ -187,8 +190,8 @@ def _count_collectives(fn):
 
 def _exports_errors_bf16(rank, world, tmp):
     """eval exports leave y bitwise; bad constructions fail on every rank; bf16 keeps fp32 masters."""
-    pair = Pair(rank, world, "adamw", 2, TINY)
-    pair.steps(3, "exports")
+    pair = Pair(rank, world, "adamw", 2, TINY, micro=2)
+    pair.steps(3, "exports (2 accumulated backward passes a step)")
     y = {n: p.detach().clone() for n, p in pair.net.named_parameters()}
     pair.ref_opt.eval()
     x = {n: p.detach().clone() for n, p in pair.ref.named_parameters()}

@@ -78,15 +78,22 @@ class Bucket:
         self.grad: Optional[Tensor] = None  # reduced, averaged gradient of [lo, hi), master dtype
         self.had_grad = [False] * len(params)
         self._local: Optional[Tensor] = None  # this backward's local grads, padded flat
+        self._fresh = [False] * len(params)  # which params of _local this backward has written
         self._pending = len(params)
-        self._inflight: list[tuple[dist.Work, Tensor, Tensor]] = []
+        self._inflight: list[tuple[Optional[dist.Work], Tensor, Tensor]] = []
 
     # ---- gradients ---------------------------------------------------------------------------
     def add_grad(self, i: int, grad: Tensor) -> None:
         """Accumulate param i's local gradient; launch the reduction once every param reported."""
         if self._local is None:
-            self._local = torch.zeros_like(self.flat)
-        self._local[self.offsets[i]:self.offsets[i + 1]].add_(grad.reshape(-1))
+            self._local = torch.empty_like(self.flat)
+            self._fresh = [False] * len(self.params)
+        dst = self._local[self.offsets[i]:self.offsets[i + 1]]
+        if self._fresh[i]:  # a second backward before this bucket launched: accumulate
+            dst.add_(grad.reshape(-1))
+        else:
+            dst.copy_(grad.reshape(-1))
+            self._fresh[i] = True
         self.had_grad[i] = True
         self._pending -= 1
         if self._pending == 0:
@@ -97,7 +104,13 @@ class Bucket:
         if self._local is None:
             return
         local, self._local, self._pending = self._local, None, len(self.params)
-        if self.stage == 2:
+        for i, fresh in enumerate(self._fresh):
+            if not fresh:  # no gradient this backward: contribute zeros
+                local[self.offsets[i]:self.offsets[i + 1]].zero_()
+        local[self.numel:].zero_()
+        if self.world == 1:  # nothing to reduce
+            work, out = None, local
+        elif self.stage == 2:
             out = torch.empty(self.shard, dtype=local.dtype, device=local.device)
             work = _reduce_scatter(out, local, group=self.group, async_op=True)
         else:
@@ -107,12 +120,14 @@ class Bucket:
 
     def reap(self, block: bool) -> None:
         """Fold finished reductions into ``self.grad``; wait for all of them when ``block``."""
-        while self._inflight and (block or self._inflight[0][0].is_completed()):
+        while self._inflight and (block or self._inflight[0][0] is None or self._inflight[0][0].is_completed()):
             work, _, out = self._inflight.pop(0)
-            work.wait()
+            if work is not None:
+                work.wait()
             mine = out[:self.hi - self.lo] if self.stage == 2 else out[self.lo:self.hi]
             if self.grad is None:
-                self.grad = mine.to(self.master.dtype, copy=True).div_(self.world)
+                self.grad = mine.div(self.world) if mine.dtype == self.master.dtype else \
+                    mine.to(self.master.dtype).div_(self.world)
             else:
                 self.grad.add_(mine.to(self.master.dtype), alpha=1.0 / self.world)
 
