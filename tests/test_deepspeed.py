@@ -145,6 +145,13 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         opt.train()
         _train(engine, rank, range(SAVE_AT, STEPS))
         rec["y"] = sfds.engine_state_dict(engine)
+        # The shared eval API, called in train mode on the engine: x out, y back in the model.
+        rec["api_x"] = sf_dist.eval_state_dict(engine, opt)
+        sf_dist.save_eval_weights(engine, opt, os.path.join(ckpt_root, f"x{stage}.safetensors"))
+        with torch.no_grad(), sf_dist.eval_weights(engine, opt):
+            rec["api_out"] = engine(X_TEST)
+        rec["api_mode_after"] = opt.train_mode
+        rec["api_y_after"] = sfds.engine_state_dict(engine)
         engine.save_checkpoint(ckpt, tag="train8")
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
@@ -250,6 +257,20 @@ def test_train_and_eval_weights_match_reference(fp32_runs, stage):
     for (k, ws, lr_max), (rk, rws, rlr_max) in zip(rec["counters"], ref["counters"]):
         assert k == rk == STEPS and ws == pytest.approx(rws, rel=1e-12) and lr_max == pytest.approx(rlr_max)
     _close(rec["y_round_trip"], rec["y"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_shared_eval_api_accepts_the_engine(fp32_runs, stage):
+    ranks, root = fp32_runs
+    from safetensors.torch import load_file
+
+    rec, ref = ranks[0][stage], _reference("AdamWScheduleFree", STEPS)
+    _close(rec["api_x"], ref["x"])
+    _close(load_file(str(root / f"x{stage}.safetensors")), ref["x"])
+    for rank in ranks:
+        torch.testing.assert_close(rank[stage]["api_out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
+        assert rank[stage]["api_mode_after"] is True
+    _close(rec["api_y_after"], rec["y"], rtol=1e-5, atol=1e-6)  # y re-derived from x and z
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
