@@ -135,8 +135,10 @@ def _prepare_config(config: dict) -> dict:
     if offload.get("device") == "nvme":
         raise ValueError("offload_optimizer.device='nvme' keeps the fp32 masters and z on disk outside step(), "
                          "where train()/eval() cannot swap them: use device 'cpu' or 'none'")
-    if zero.get("stage", 0) >= 1 and "zero_allow_untested_optimizer" not in config:
-        config = {**config, "zero_allow_untested_optimizer": True}
+    if zero.get("stage", 0) >= 1:
+        config = {"zero_allow_untested_optimizer": True, **config}
+    if offload.get("device") == "cpu":  # DeepSpeed has no CPU kernel of Schedule-Free to insist on
+        config = {"zero_force_ds_cpu_optimizer": False, **config}
     return config
 
 

@@ -184,6 +184,18 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
 
+    for stage in (2, 3):  # fp32 masters and z offloaded to CPU memory (ZeRO-Offload)
+        cfg = _config(stage)
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        engine, opt = _engine(cfg)
+        opt.train()
+        _train(engine, rank, range(STEPS))
+        rec = results[f"offload{stage}"] = {"y": sfds.engine_state_dict(engine)}
+        opt.eval()
+        rec["x"] = sfds.engine_state_dict(engine)
+        with torch.no_grad():
+            rec["out"] = engine(X_TEST)
+
     builtin = _config(1)
     builtin["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
     engine, opt = _engine(builtin)
@@ -321,6 +333,16 @@ def test_sgd_and_radam_from_config_any_case(fp32_runs):
         assert rec["base"] == name
         _close(rec["y"], ref["y"])
         _close(rec["x"], ref["x"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_optimizer_offload_matches_reference(fp32_runs, stage):
+    ranks, _ = fp32_runs
+    ref = _reference("AdamWScheduleFree", STEPS)
+    _close(ranks[0][f"offload{stage}"]["y"], ref["y"])
+    _close(ranks[0][f"offload{stage}"]["x"], ref["x"])
+    for rank in ranks:
+        torch.testing.assert_close(rank[f"offload{stage}"]["out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
 
 
 def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
