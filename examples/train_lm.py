@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -23,8 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sf_dist.weights import eval_weights, save_eval_weights  # noqa: E402
-from sf_dist.zero import ZeroScheduleFree  # noqa: E402
+import sf_dist  # noqa: E402
 from lm_data import load_corpus, train_batch, val_batches  # noqa: E402
 from lm_optim import OPTIMIZERS, SCHEDULE_FREE, build_optimizer, sf_defaults  # noqa: E402
 from tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
@@ -85,17 +85,15 @@ def build_model(cfg: GPTConfig, seed: int, dtype: torch.dtype, device: torch.dev
 def wrap(model: TinyGPT, args: argparse.Namespace, device: torch.device):
     """(model to call, optimizer, lr scheduler or None) for the chosen backend."""
     if args.backend == "deepspeed":
-        import sf_dist.deepspeed as sfds
-
         cls = SCHEDULE_FREE[args.optimizer]
         opt = cls(model.parameters(), **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay))
         # DeepSpeed clips gradients at norm 1.0 unless told otherwise; the other backends do not clip.
         config = {"train_batch_size": args.batch_size, "zero_optimization": {"stage": 2},
                   "gradient_clipping": 0.0}
-        engine, opt, _, _ = sfds.initialize(model=model, optimizer=opt, config=config)
+        engine, opt, _, _ = sf_dist.deepspeed.initialize(model=model, optimizer=opt, config=config)
         return engine, opt, None
     if args.backend in ("zero1", "zero2"):  # no DDP: ZeroScheduleFree averages the gradients itself
-        opt = ZeroScheduleFree(model.parameters(), optimizer_class=SCHEDULE_FREE[args.optimizer],
+        opt = sf_dist.ZeroScheduleFree(model.parameters(), optimizer_class=SCHEDULE_FREE[args.optimizer],
                                stage=int(args.backend[-1]),
                                **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay))
         return model, opt, None
@@ -103,17 +101,20 @@ def wrap(model: TinyGPT, args: argparse.Namespace, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # Every weight lives in a child unit: FSDP keeps the root unit's weights gathered after a
+        # no-grad forward, where an in-place eval()/train() would not reach them (FSDP1 alike).
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
+        for unit in (*model.blocks, model.tok_emb, model.pos_emb, model.ln_f, model.head):
+            fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif args.backend == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-        from tiny_gpt import Block
-
-        model = FSDP(model, device_id=device, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({Block}))
+        # Every weight in a child unit, as for fsdp2 above.
+        units = {*model.blocks, model.tok_emb, model.pos_emb, model.ln_f, model.head}
+        model = FSDP(model, device_id=device, use_orig_params=True,
+                     auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in units))
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -132,8 +133,6 @@ def evaluate(model, windows: torch.Tensor, targets: torch.Tensor, rank: int, wor
     model.eval()
     logits = model(idx)
     model.train(was_training)
-    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward
-        model.reshard()
     total = torch.stack([F.cross_entropy(logits.flatten(0, 1).double(), tgt.flatten(), reduction="sum"),
                          torch.tensor(float(tgt.numel()), dtype=torch.float64, device=device)])
     dist.all_reduce(total)
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     def validate(step: int, lr: float, train_loss: float | str) -> tuple[float, float]:
         loss_y = evaluate(model, val_x, val_y, rank, world, device)
         if is_sf:  # the AdamW baselines have one set of weights: x and y are the same
-            with eval_weights(model, opt):
+            with sf_dist.eval_weights(model, opt):
                 loss_x = evaluate(model, val_x, val_y, rank, world, device)
         else:
             loss_x = loss_y
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     export = out / "model_x.safetensors"
     if is_sf:
-        save_eval_weights(model, opt, export)
+        sf_dist.save_eval_weights(model, opt, export)
     else:
         _save_full(model, export)
     summary = dict(backend=args.backend, optimizer=args.optimizer, world_size=world, steps=args.steps,

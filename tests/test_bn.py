@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import sf_dist
-from sf_dist.bn import recalibrate_bn
 
 B1 = 0.9
 
@@ -64,7 +63,7 @@ def test_running_stats_equal_a_pass_at_x(opt_cls):
     expected = _stats_at_x(_x_weights(model, opt), _batches())
     model.eval()
 
-    recalibrate_bn(model, [(xb, None) for xb in _batches()], opt)
+    sf_dist.recalibrate_bn(model, [(xb, None) for xb in _batches()], opt)
 
     for i, (mean, var) in expected.items():
         bn = model[i]
@@ -83,7 +82,7 @@ def test_one_full_batch_gives_the_data_mean_at_x_and_keeps_eval_mode():
     w = _x_weights(model, opt)
     data = torch.cat(_batches())
     opt.eval()
-    recalibrate_bn(model, [data], opt)
+    sf_dist.recalibrate_bn(model, [data], opt)
     h = data @ w["0.weight"].T + w["0.bias"]
     torch.testing.assert_close(model[1].running_mean, h.mean(0), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(model[1].running_var, h.var(0), rtol=1e-10, atol=1e-12)
@@ -95,11 +94,11 @@ def test_one_full_batch_gives_the_data_mean_at_x_and_keeps_eval_mode():
 def test_dict_batches_no_bn_and_empty_input():
     model, opt = _trained(sf_dist.AdamWScheduleFree)
     expected = _stats_at_x(_x_weights(model, opt), _batches())
-    recalibrate_bn(model, [{"input": xb} for xb in _batches()], opt)
+    sf_dist.recalibrate_bn(model, [{"input": xb} for xb in _batches()], opt)
     torch.testing.assert_close(model[4].running_var, expected[4][1], rtol=1e-10, atol=1e-12)
 
     plain = nn.Linear(3, 1)
     plain_opt = sf_dist.SGDScheduleFree(plain.parameters())
-    recalibrate_bn(plain, iter(()), plain_opt)  # nothing to recalibrate: no error, no change
+    sf_dist.recalibrate_bn(plain, iter(()), plain_opt)  # nothing to recalibrate: no error, no change
     with pytest.raises(ValueError, match="no batches"):
-        recalibrate_bn(model, [], opt)
+        sf_dist.recalibrate_bn(model, [], opt)

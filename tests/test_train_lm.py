@@ -103,7 +103,7 @@ def _oracle_cached(optimizer: str):
     return _ORACLES[optimizer]
 
 
-CASES = [(b, "sf_adamw") for b in NEEDS] + [("ddp", "adamw_cosine"), ("fsdp2", "adamw_cosine")]
+CASES = [(b, "sf_adamw") for b in NEEDS] + [("ddp", "adamw_cosine")]
 
 
 @pytest.mark.parametrize("backend,optimizer", CASES, ids=[f"{b}-{o}" for b, o in CASES])
