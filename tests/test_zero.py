@@ -216,6 +216,31 @@ def _exports_errors_bf16(rank, world, tmp):
     else:
         assert sd == {}, sd.keys()
 
+    # per-rank state_dict round trip, and every rank slicing the consolidated single-process dict
+    saved = (copy.deepcopy(pair.opt.state_dict()), {n: p.detach().clone() for n, p in pair.net.named_parameters()})
+    full = [pair.opt.consolidated_state_dict()]
+    dist.broadcast_object_list(full, src=0)
+    fresh = Net()
+    fresh.load_state_dict(saved[1])
+    fresh_opt = ZeroScheduleFree(_groups(fresh, "adamw"), stage=1, **HP["adamw"])
+    fresh_opt.load_state_dict(full[0])
+    assert fresh_opt.train_mode and fresh_opt.param_groups[0]["k"] == 3
+    pair.steps(2, "before the per-rank reload")
+    pair.net.load_state_dict(saved[1])
+    pair.opt.load_state_dict(saved[0])
+    for net, opt in ((pair.net, pair.opt), (fresh, fresh_opt)):
+        for k in (3, 4):
+            _backward(net, k, rank, world)
+            opt.step()
+            opt.zero_grad()
+        _close(net, pair.ref, "after reloading the state dict")
+    with pytest.raises(ValueError, match="saved by rank 0 of 2"):
+        pair.opt.load_state_dict(copy.deepcopy(saved[0]) | {"zero": {**saved[0]["zero"], "world_size": 2, "rank": 0,
+                                                                     "layout": [[1]]}})
+    pair.net.l1.weight.data = pair.net.l1.weight.data.clone()
+    with pytest.raises(RuntimeError, match=r"parameter of shape \(7, 5\) no longer lives"):
+        pair.opt.step()
+
     wrong = nn.Linear(5, 7 if rank == 0 else 6).double()
     with pytest.raises(ValueError, match=r"param 0 of group 0 is \(6, 5\) torch.float64 on rank 1"):
         ZeroScheduleFree(wrong.parameters())
@@ -256,6 +281,12 @@ def _exports_errors_bf16(rank, world, tmp):
         torch.testing.assert_close(b.master, flat, rtol=RTOL, atol=ATOL, msg=lambda m: f"fp32 master: {m}")
     for a, c in zip(net.parameters(), emu.parameters()):
         assert torch.equal(a, c), "params are not the master rounded to their dtype"
+    with torch.no_grad():  # weights loaded into the model after the optimizer was built are kept
+        net[0].weight.add_(1.0)
+    b = opt._all_buckets()[0]
+    opt.eval()
+    opt.train()
+    torch.testing.assert_close(b.master, torch.cat([net[0].weight.reshape(-1), net[0].bias])[b.lo:b.hi].float())
     y16 = [p.detach().clone() for p in net.parameters()]
     with eval_weights(net, opt):
         pass

@@ -77,6 +77,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         """Put y back in the params: exactly the y that eval() replaced, then one all-gather."""
         if self.train_mode:
             return
+        self._check_params()
         if self._saved_y is not None:
             for b, y in zip(self._all_buckets(), self._saved_y):
                 b.master.copy_(y)
@@ -85,15 +86,18 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         else:
             self.inner.train()
         self._saved_y = None
+        self._pull_counters()
         self._publish()
 
     @torch.no_grad()
     def eval(self) -> None:
         """Put x, the eval weights, in the params: swap the local shard, then one all-gather."""
-        if not self.inner.param_groups[0]["train_mode"]:
+        if not self.train_mode:
             return
+        self._check_params()
         self._saved_y = [b.master.clone() for b in self._all_buckets()]
         self.inner.eval()
+        self._pull_counters()
         self._publish()
 
     # ---- gradients and step ------------------------------------------------------------------
@@ -150,6 +154,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync_grads()
+        self._check_params()
         self._push_hyperparameters()
         for b in self._all_buckets():
             b.attach_grads()
@@ -198,6 +203,19 @@ class ZeroScheduleFree(torch.optim.Optimizer):
     # ---- internals ---------------------------------------------------------------------------
     def _all_buckets(self) -> list[Bucket]:
         return [b for bs in self.buckets for b in bs]
+
+    @torch.no_grad()
+    def _check_params(self) -> None:
+        """Fail on params re-allocated behind our back; re-read masters of params written in place."""
+        for b in self._all_buckets():
+            for p, off in zip(b.params, b.offsets):
+                if p.numel() and p.data_ptr() != b.flat[off:].data_ptr():
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} no longer lives in ZeroScheduleFree's buffer "
+                        "(model.to(), load_state_dict(assign=True) or a new .data after the optimizer was "
+                        "built): build the optimizer after moving or loading the model")
+            if b.separate_master and not torch.equal(b.flat[b.lo:b.hi], b.master.to(b.flat.dtype)):
+                b.master.copy_(b.flat[b.lo:b.hi])  # e.g. model.load_state_dict() after construction
 
     def _publish(self) -> None:
         works = [b.publish() for b in self._all_buckets()]
