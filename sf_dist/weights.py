@@ -200,6 +200,8 @@ def _sharded_state_dict(model: nn.Module) -> dict[str, Any]:
 def _gather(value: Any) -> Optional[Tensor]:
     """The full tensor on rank 0 (None on the others); a collective for sharded values."""
     if isinstance(value, DTensor):
+        if _is_row_sharded(value):
+            return _rows_to_rank0(value)
         full = value.full_tensor()
         return full if _rank() == 0 else None
     if _is_sharded_tensor(value):
@@ -207,6 +209,36 @@ def _gather(value: Any) -> Optional[Tensor]:
         value.gather(dst=0, out=out)
         return out
     return value if _rank() == 0 else None
+
+
+def _is_row_sharded(value: DTensor) -> bool:
+    """FSDP2's layout: dim-0 torch.chunk shards over a 1-D mesh that includes global rank 0."""
+    from torch.distributed.tensor import Shard
+    mesh = value.device_mesh
+    return mesh.ndim == 1 and tuple(value.placements) == (Shard(0),) and value.dim() > 0 \
+        and 0 in mesh.mesh.tolist()
+
+
+def _rows_to_rank0(value: DTensor) -> Optional[Tensor]:
+    """Send each rank's rows straight into rank 0's output: no rank but 0 holds the whole tensor,
+    and rank 0 holds it once (full_tensor would all-gather it onto every rank)."""
+    group, shard = value.device_mesh.get_group(), value.to_local()
+    members = value.device_mesh.mesh.tolist()
+    rows, chunk = value.shape[0], -(-value.shape[0] // len(members))
+    if _rank() != 0:
+        if shard.numel() > 0:
+            dist.send(shard.contiguous(), dst=0, group=group)
+        return None
+    out = torch.empty(value.shape, dtype=value.dtype, device=shard.device)
+    for i, member in enumerate(members):
+        lo, hi = min(i * chunk, rows), min((i + 1) * chunk, rows)
+        if hi == lo or out[lo:hi].numel() == 0:
+            continue
+        if member == 0:
+            out[lo:hi].copy_(shard)
+        else:
+            dist.recv(out[lo:hi], src=member, group=group)
+    return out
 
 
 def _shard_device(value: Any) -> torch.device:
@@ -321,7 +353,7 @@ class _SafetensorsWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
             raise RuntimeError(f"tensor {name!r} has {data.numel()} bytes, its header says {nbytes}")
-        self._file.write(data.numpy().tobytes())
+        self._file.write(memoryview(data.numpy()))  # the tensor's own buffer: no second copy
         self._next += 1
 
     def close(self) -> None:
