@@ -99,14 +99,28 @@ def eval_weights(model: nn.Module, optimizer: Any) -> Iterator[nn.Module]:
         yield model
         return
     snapshot = _snapshot_y(optimizer) if isinstance(optimizer, ScheduleFreeOptimizer) else []
+    _drop_gathered_copies(model)
     optimizer.eval()
     try:
         yield model
     finally:
+        _drop_gathered_copies(model)
         optimizer.train()
         with torch.no_grad():
             for y, saved in snapshot:
                 y.copy_(saved)
+
+
+def _drop_gathered_copies(model: nn.Module) -> None:
+    """FSDP2 keeps some units' gathered weights after a no-grad forward (the root's, or any with
+    reshard_after_forward=False); a swap of the shards would not reach them, so free them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _snapshot_y(optimizer: ScheduleFreeOptimizer) -> list[tuple[Tensor, Tensor]]:

@@ -169,6 +169,31 @@ def check_mixed_precision(rank, world_size):
     assert_close(full(model.state_dict()), ref.state_dict(), "mixed precision")
 
 
+def check_forward_at_x_then_y(rank, world_size):
+    """The root unit owns weights here, which FSDP2 keeps gathered after a no-grad forward: a
+    forward inside eval_weights must see x and the next one after it y again."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    ref = make_model()
+    ref_opt = schedulefree.AdamWScheduleFree(ref.parameters(), **OPTS["adamw"][2])
+    run(ref, ref_opt, batches())
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world_size,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)  # model[2] and model[4] stay in the root unit
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), **OPTS["adamw"][2])
+    run(model, opt, batches(), rank, world_size)
+    probe = batches()[0][0]
+    with torch.no_grad():
+        at_y = ref(probe)
+        ref_opt.eval()
+        at_x = ref(probe)
+        for _ in range(2):
+            with sf_dist.eval_weights(model, opt):
+                torch.testing.assert_close(model(probe), at_x, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(model(probe), at_y, rtol=RTOL, atol=ATOL)
+
+
 def fsdp2_worker(rank, world_size, outdir, extras):
     for kind in OPTS:
         clip = CLIP if kind == "adamw" else None
@@ -188,6 +213,7 @@ def fsdp2_worker(rank, world_size, outdir, extras):
         assert model[4].weight.to_local().shape[0] == (0 if rank == 3 else 1)  # an empty shard was stepped
     if extras:
         check_mixed_precision(rank, world_size)
+        check_forward_at_x_then_y(rank, world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
