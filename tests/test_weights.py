@@ -125,3 +125,53 @@ def test_stream_writer_handles_dtypes_and_empty_tensors(tmp_path):
     got = load_file(tmp_path / "w.safetensors")
     for k, v in model.state_dict().items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+# ---- replicated modules across ranks: DDP and ZeroScheduleFree -----------------------------------
+def replicated_worker(rank, world_size, outdir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from sf_dist import ZeroScheduleFree
+    results = {}
+    for name in ("ddp", "zero"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 3)).double()
+        if name == "ddp":
+            model = DDP(model)
+            opt = AdamWScheduleFree(model.parameters(), lr=0.02, warmup_steps=2)
+        else:
+            opt = ZeroScheduleFree(model.parameters(), stage=2, lr=0.02, warmup_steps=2)
+        torch.manual_seed(1 + rank)
+        opt.train()
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(torch.randn(8, 6, dtype=torch.float64)),
+                                   torch.randn(8, 3, dtype=torch.float64)).backward()
+            opt.step()
+        y = [p.detach().clone() for p in model.parameters()]
+        with eval_weights(model, opt):
+            x = {k.removeprefix("module."): v.clone() for k, v in model.state_dict().items()}
+        full = eval_state_dict(model, opt)
+        path = f"{outdir}/{name}.safetensors"
+        save_eval_weights(model, opt, path)
+        handle = register_eval_state_dict_hook(model, opt)
+        hooked = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+        handle.remove()
+        assert opt.train_mode and all(torch.equal(p, q) for p, q in zip(model.parameters(), y))
+        for k in x:
+            assert torch.equal(hooked[k], x[k]), k
+        if rank == 0:
+            assert set(full) == set(x)  # plain names: no "module." prefix
+            for k in x:
+                assert torch.equal(full[k], x[k]) and torch.equal(load_file(path)[k], x[k]), k
+        else:
+            assert full == {}
+        results[name] = x
+    return results
+
+
+def test_ddp_and_zero_exports_are_x_with_plain_names(tmp_path):
+    from dist import run_distributed
+    r0, r1 = run_distributed(replicated_worker, 2, str(tmp_path))
+    for name in ("ddp", "zero"):
+        for k in r0[name]:
+            assert torch.equal(r0[name][k], r1[name][k])  # replicas agree
