@@ -77,7 +77,7 @@ def run_one(job: dict) -> dict:
     schedule_free = sched is None
     if schedule_free:
         opt.train()
-    curve = {}
+    curve, curve_y = {}, {}  # validation at x (the eval weights) and, for Schedule-Free, at y
     start = time.perf_counter()
     for step in range(steps):
         idx, tgt = train_batch(_DATA["train"], job["batch_size"], cfg.block_size, job["seed"], step, 0, 1)
@@ -89,11 +89,12 @@ def run_one(job: dict) -> dict:
             sched.step()
         if step + 1 in job["eval_at"]:
             if schedule_free:
+                curve_y[step + 1] = _val_loss(model, windows, targets)
                 opt.eval()
             curve[step + 1] = _val_loss(model, windows, targets)
             if schedule_free:
                 opt.train()
-    return {**job, "curve": curve, "wall_s": time.perf_counter() - start}
+    return {**job, "curve": curve, "curve_y": curve_y, "wall_s": time.perf_counter() - start}
 
 
 def _stats(values: list[float]) -> dict:
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
             "curve": {str(s): _stats([r["curve"][s] for r in runs]) for s in marks},
             "wall_s": _stats([r["wall_s"] for r in runs]),
         }
+        if runs[0]["curve_y"]:
+            results["methods"][m]["at_y"] = {str(round(args.steps * f)): _stats([r["curve_y"][round(args.steps * f)] for r in runs])
+                                             for f in FRACTIONS}
     results["cosine_restarted"] = {str(b): _stats([r["curve"][b] for r in restarted if r["steps"] == b]) for b in short}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = report(results, args)
@@ -160,6 +164,10 @@ def report(results: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {METHODS[m]} | {r['lr']:g} | " + " | ".join(_fmt(r["at"][s]) for s in fr) + f" | {r['wall_s']['mean']:.1f} |")
     lines.append("| AdamW cosine, restarted with this budget | {:g} | ".format(results["best_lr"]["adamw_cosine"])
                  + " | ".join(_fmt(results["cosine_restarted"][s]) for s in fr[:-1]) + " | (full run above) | |")
+    for m, r in results["methods"].items():
+        if "at_y" in r:
+            lines.append(f"| {METHODS[m]}, evaluated at y (train weights) | {r['lr']:g} | "
+                         + " | ".join(_fmt(r["at_y"][s]) for s in fr) + " | |")
     lines += ["", "Final validation loss over the lr grid (mean ± std over seeds):", "",
               "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |", "|---|" + "---|" * len(args.lrs)]
     for m, r in results["methods"].items():

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-seqs", type=int, default=128, help="validation windows (fixed set) per evaluation")
     p.add_argument("--max-bytes", type=int, default=None, help="cap the training text (tiny runs)")
     p.add_argument("--sample-bytes", type=int, default=300)
@@ -65,8 +65,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join (or start) the process group torchrun describes; gloo on CPU, NCCL on CUDA."""
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
+    if not dist.is_initialized():  # plain `python train_lm.py`: a group of one
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -94,8 +93,8 @@ def wrap(model: TinyGPT, args: argparse.Namespace, device: torch.device):
         return engine, opt, None
     if args.backend in ("zero1", "zero2"):  # no DDP: ZeroScheduleFree averages the gradients itself
         opt = sf_dist.ZeroScheduleFree(model.parameters(), optimizer_class=SCHEDULE_FREE[args.optimizer],
-                               stage=int(args.backend[-1]),
-                               **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay))
+                                       stage=int(args.backend[-1]),
+                                       **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay))
         return model, opt, None
     if args.backend == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -162,7 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
         writer = csv.writer(log_file)
         writer.writerow(["step", "tokens", "lr", "train_loss", "val_loss_x", "val_loss_y", "elapsed_s"])
 
+    eval_seconds = [0.0]  # kept out of tokens/s
+
     def validate(step: int, lr: float, train_loss: float | str) -> tuple[float, float]:
+        began = time.perf_counter()
         loss_y = evaluate(model, val_x, val_y, rank, world, device)
         if is_sf:  # the AdamW baselines have one set of weights: x and y are the same
             with sf_dist.eval_weights(model, opt):
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         if writer:
             writer.writerow([step, step * args.batch_size * cfg.block_size, lr, train_loss, f"{loss_x:.8f}", f"{loss_y:.8f}", f"{time.perf_counter() - start:.2f}"])
             log_file.flush()
+        eval_seconds[0] += time.perf_counter() - began
         return loss_x, loss_y
 
     start = time.perf_counter()
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         bar = tqdm(total=args.steps, desc=f"{args.backend}/{args.optimizer}", unit="step", dynamic_ncols=True)
     tokens_per_step = args.batch_size * cfg.block_size
-    train_start = time.perf_counter()
+    train_start, eval_seconds[0] = time.perf_counter(), 0.0
     first_loss = last_loss = float("nan")
     for step in range(args.steps):
         idx, tgt = train_batch(train_tokens, args.batch_size, cfg.block_size, args.seed, step, rank, world)
@@ -204,14 +207,15 @@ def main(argv: list[str] | None = None) -> dict:
         done = step + 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{done * tokens_per_step / (time.perf_counter() - train_start):,.0f}")
+            tok_s = done * tokens_per_step / (time.perf_counter() - train_start - eval_seconds[0])
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if done % args.eval_every == 0 or done == args.steps:
             history.append(validate(done, lr, f"{last_loss:.6f}"))
             if bar is not None:
                 bar.write(f"step {done}: train {last_loss:.4f}  val at x {history[-1][0]:.4f}  val at y {history[-1][1]:.4f}")
         elif writer:
             writer.writerow([done, done * tokens_per_step, lr, f"{last_loss:.6f}", "", "", f"{time.perf_counter() - start:.2f}"])
-    train_time = time.perf_counter() - train_start
+    train_time = time.perf_counter() - train_start - eval_seconds[0]
     if bar is not None:
         bar.close()
 
