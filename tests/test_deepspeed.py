@@ -7,6 +7,7 @@ masters, hence rtol 1e-4 / atol 1e-6. Each spawn (W=2, gloo) groups many engines
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from sf_dist import deepspeed as sfds  # noqa: E402
 from sf_dist.export import eval_state_dict_from_checkpoint, main as export_main  # noqa: E402
 from dist import run_distributed  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 WORLD, MICRO, STEPS, SAVE_AT = 2, 4, 8, 4
 RTOL, ATOL = 1e-4, 1e-6
 PARAMS = {
@@ -412,3 +414,37 @@ def test_bad_config_entries_name_the_fix():
         cfg = _config(2)
         cfg["zero_optimization"]["elastic_checkpoint"] = True
         sfds.initialize(model=model, config=cfg)
+
+
+# ---- the guide's script, through the launcher and the sample config --------------------------
+
+def _guide_script() -> str:
+    """The training script of docs/deepspeed.md (the python block after 'A complete training script')."""
+    text = (ROOT / "docs" / "deepspeed.md").read_text()
+    after = text.split("A complete training script", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_guide_script_runs_under_the_launcher_and_exports_the_same_x(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "train_ds.py").write_text(_guide_script())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHON": sys.executable, "NUM_GPUS": "2", "MASTER_PORT": str(port)}
+    run = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), "train_ds.py", "--steps", "20",
+                          "--deepspeed_config", str(ROOT / "launch" / "ds_config.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    export = subprocess.run([sys.executable, "-m", "sf_dist.export", "ckpt", "offline.safetensors"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr[-3000:]
+    live, offline = load_file(str(tmp_path / "model_x.safetensors")), load_file(str(tmp_path / "offline.safetensors"))
+    assert sorted(live) == sorted(offline) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for name in live:
+        assert live[name].dtype == torch.float32 and torch.equal(live[name], offline[name]), name
