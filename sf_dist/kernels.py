@@ -12,7 +12,8 @@ run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -89,11 +90,61 @@ def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
     torch._foreach_sub_(zs, gn, alpha=s.lr)
 
 
-# ---- fused: one compiled pass over memory per tensor ------------------------------------------
-# Step scalars travel as one small tensor so that their per-step change never recompiles, and
-# tensors are passed flat with a dynamic length so that one graph per dtype serves every shape.
+# ---- fused: one pass over memory per tensor ----------------------------------------------------
+# On the CPU a small C++ kernel (sf_dist/csrc/fused_step.cpp, built on first use) steps a whole
+# list in one call; elsewhere (CUDA) a torch.compile'd per-tensor function. Both take the step
+# scalars as one small tensor, so their per-step change never triggers a rebuild or recompile.
 
-def _fused_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
+def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
+                exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars) -> None:
+    n = len(ys)
+    vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
+    fusable = [i for i in range(n) if ys[i].numel() > 1 and
+               all(t.is_contiguous() for t in (ys[i], grads[i], zs[i], vs[i]) if t is not None)]
+    for i in sorted(set(range(n)) - set(fusable)):  # scalars and strided tensors: not worth a kernel
+        _single_tensor_step(ys[i], grads[i], zs[i], vs[i], s)
+    cpu = [i for i in fusable if _on_cpu_kernel(ys[i])]
+    if cpu:
+        pick = lambda ts: [ts[i] for i in cpu]
+        _cpu_extension()
+        torch.ops.sf_dist.fused_step(pick(ys), pick(grads), pick(zs), [] if exp_avg_sqs is None else pick(vs),
+                                     _fused_constants(s, torch.float64, torch.device("cpu")))
+    for i in fusable:
+        if not _on_cpu_kernel(ys[i]):
+            _compiled_fused_step(ys[i], grads[i], zs[i], vs[i], s)
+
+
+def _on_cpu_kernel(t: Tensor) -> bool:
+    """Whether the C++ CPU kernel (rather than the compiled one) steps this tensor."""
+    return t.device.type == "cpu"
+
+
+def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bias_correction2, eps, normalize]"""
+    additive = s.weight_decay if s.decay_at != "all" else 0.0
+    values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
+              additive if s.decay_at == "z" else 0.0, s.shrink,
+              s.beta2 if s.beta2 is not None else 0.0, s.bias_correction2, s.eps, float(s.normalize)]
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@functools.cache
+def _cpu_extension() -> None:
+    """Build (once per machine, cached under TORCH_EXTENSIONS_DIR) and load the CPU kernel."""
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-fno-math-errno"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    try:
+        load(name="sf_dist_fused_step", sources=[str(Path(__file__).parent / "csrc" / "fused_step.cpp")],
+             extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # no compiler, no ninja, ...
+        raise RuntimeError(f"fused=True on the CPU needs to build a small C++ kernel and that failed ({e}); "
+                           "install a C++ compiler and ninja, or use foreach=True / the default path") from e
+
+
+def _compiled_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
     lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bc2, eps, normalize = c.unbind()
     y0 = y * shrink
     z0 = z * shrink
@@ -105,7 +156,7 @@ def _fused_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
     v.copy_(v1)
 
 
-def _fused_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
+def _compiled_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
     lr, ckp1, y_coef, wd_y, wd_z, shrink = c.unbind()[:6]
     y0 = y * shrink
     z0 = z * shrink
@@ -115,35 +166,15 @@ def _fused_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
 
 
 @functools.cache
-def _compiled(kind: str):
-    fn = _fused_adam if kind == "adam" else _fused_sgd
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def _compiled(kind: str) -> Callable:
+    return torch.compile(_compiled_adam if kind == "adam" else _compiled_sgd, dynamic=True, fullgraph=True)
 
 
-def _fused_constants(s: StepScalars, like: Tensor) -> Tensor:
-    additive = s.weight_decay if s.decay_at != "all" else 0.0
-    values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
-              additive if s.decay_at == "z" else 0.0, s.shrink,
-              s.beta2 if s.beta2 is not None else 0.0, s.bias_correction2, s.eps, float(s.normalize)]
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor(values, dtype=dtype, device=like.device)
-
-
-def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
-                exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars) -> None:
-    constants: dict[tuple, Tensor] = {}
-    for i, y in enumerate(ys):
-        if y.numel() == 0:
-            continue
-        v = None if exp_avg_sqs is None else exp_avg_sqs[i]
-        group = [y, grads[i], zs[i]] + ([] if v is None else [v])
-        if y.numel() == 1 or not all(t.is_contiguous() for t in group):  # n=1 would compile a graph of its own
-            _single_tensor_step(y, grads[i], zs[i], v, s)
-            continue
-        key = (y.device, y.dtype)
-        if key not in constants:
-            constants[key] = _fused_constants(s, y)
-        _compiled("sgd" if v is None else "adam")(*map(_flat_alias, group), constants[key])
+def _compiled_fused_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars) -> None:
+    """One compiled pass over a contiguous tensor of more than one element (any device)."""
+    c = _fused_constants(s, torch.float64 if y.dtype == torch.float64 else torch.float32, y.device)
+    group = [y, g, z] + ([] if v is None else [v])
+    _compiled("sgd" if v is None else "adam")(*map(_flat_alias, group), c)
 
 
 def _flat_alias(t: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import schedulefree
 import torch
 
 import sf_dist
+from sf_dist import kernels
 from sf_dist.reference import ReferenceScheduleFree
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -61,9 +62,18 @@ def _ref_kwargs(kind, hp):
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd", "radam"])
-def test_matches_schedulefree_over_grid(kind):
-    """Train mode, eval mode and train->eval->train, 20+ steps, every kernel path."""
-    for hp, impl in itertools.product(list(_grid(kind)), IMPLS):
+@pytest.mark.parametrize("fused_kernel", ["cpu", "compiled"])
+def test_matches_schedulefree_over_grid(kind, fused_kernel, monkeypatch):
+    """Train mode, eval mode and train->eval->train, 20+ steps, every kernel path.
+
+    fused=True runs the C++ kernel on the CPU; "compiled" forces the torch.compile'd kernel
+    that accelerators use, so both fused kernels meet the oracle here.
+    """
+    impls = IMPLS
+    if fused_kernel == "compiled":
+        monkeypatch.setattr(kernels, "_on_cpu_kernel", lambda t: False)
+        impls = [dict(fused=True)]
+    for hp, impl in itertools.product(list(_grid(kind)), impls):
         init = _params()
         ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
         ours, theirs = OURS[kind](ps[0], **hp, **impl), THEIRS[kind](ps[1], **_ref_kwargs(kind, hp))
@@ -146,8 +156,11 @@ def test_decay_all_keeps_x_exact():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-6)),
                                        (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
-def test_fused_low_precision_close_to_per_tensor(dtype, tol):
+@pytest.mark.parametrize("fused_kernel", ["cpu", "compiled"])
+def test_fused_low_precision_close_to_per_tensor(dtype, tol, fused_kernel, monkeypatch):
     """fp32/bf16 fused vs per-tensor: same math, different rounding; documented in docs/kernels.md."""
+    if fused_kernel == "compiled":
+        monkeypatch.setattr(kernels, "_on_cpu_kernel", lambda t: False)
     for kind in OURS:
         init = [t.to(dtype) for t in _params(4)]
         ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]

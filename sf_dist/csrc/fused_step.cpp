@@ -1,0 +1,77 @@
+// One-pass Schedule-Free update on the CPU: reads y, g, z (and v) once and writes y, z (and v),
+// for a whole list of tensors in one call. Same math as sf_dist/kernels.py (see its docstring).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// c = [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bias_correction2, eps, normalize]
+// HasV/Normalize are template arguments so that the inner loop has no branch and vectorises.
+template <typename T, typename A, bool HasV, bool Normalize>
+void update_range(T* __restrict y, const T* __restrict g, T* __restrict z, T* __restrict v,
+                  int64_t begin, int64_t end, const double* c) {
+  const A lr = c[0], ckp1 = c[1], y_coef = c[2], wd_y = c[3], wd_z = c[4], shrink = c[5];
+  const A beta2 = c[6], one_minus_beta2 = A(1) - A(c[6]), inv_bc2 = A(1) / A(c[7]), eps = c[8];
+  for (int64_t i = begin; i < end; ++i) {
+    const A gi = static_cast<A>(g[i]);
+    const A y0 = static_cast<A>(y[i]) * shrink;
+    const A z0 = static_cast<A>(z[i]) * shrink;
+    A gn = gi;
+    if constexpr (HasV) {
+      const A v1 = static_cast<A>(v[i]) * beta2 + gi * gi * one_minus_beta2;
+      v[i] = static_cast<T>(v1);
+      if constexpr (Normalize) gn = gi / (std::sqrt(v1 * inv_bc2) + eps);
+    }
+    gn += wd_y * y0 + wd_z * z0;
+    y[i] = static_cast<T>(y0 + ckp1 * (z0 - y0) + y_coef * gn);
+    z[i] = static_cast<T>(z0 - lr * gn);
+  }
+}
+
+template <typename T, typename A, bool HasV, bool Normalize>
+void update(T* y, const T* g, T* z, T* v, int64_t n, const double* c) {
+  at::parallel_for(0, n, 65536, [=](int64_t begin, int64_t end) {
+    update_range<T, A, HasV, Normalize>(y, g, z, v, begin, end, c);
+  });
+}
+
+template <typename T>
+void dispatch(T* y, const T* g, T* z, T* v, int64_t n, const double* c) {
+  using A = at::opmath_type<T>;
+  if (v == nullptr) {
+    update<T, A, false, false>(y, g, z, v, n, c);
+  } else if (c[9] != 0.0) {
+    update<T, A, true, true>(y, g, z, v, n, c);
+  } else {
+    update<T, A, true, false>(y, g, z, v, n, c);
+  }
+}
+
+void step(const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& gs, const std::vector<at::Tensor>& zs,
+          const std::vector<at::Tensor>& vs, const at::Tensor& constants) {
+  TORCH_CHECK(constants.scalar_type() == at::kDouble && constants.numel() == 10, "constants: 10 doubles");
+  TORCH_CHECK(vs.empty() || vs.size() == ys.size(), "exp_avg_sqs must be empty or match params");
+  const double* c = constants.data_ptr<double>();
+  for (size_t i = 0; i < ys.size(); ++i) {
+    const at::Tensor& y = ys[i];
+    for (const at::Tensor* t : {&y, &gs[i], &zs[i]}) {
+      TORCH_CHECK(t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == y.scalar_type() &&
+                  t->numel() == y.numel(), "fused CPU step needs contiguous CPU tensors of one dtype and size");
+    }
+    const int64_t n = y.numel();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "sf_fused_step", [&] {
+      scalar_t* v = vs.empty() ? nullptr : vs[i].data_ptr<scalar_t>();
+      dispatch<scalar_t>(y.data_ptr<scalar_t>(), gs[i].data_ptr<scalar_t>(), zs[i].data_ptr<scalar_t>(), v, n, c);
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sf_dist, m) {
+  m.def("fused_step(Tensor[] ys, Tensor[] grads, Tensor[] zs, Tensor[] exp_avg_sqs, Tensor constants) -> ()", &step);
+}
