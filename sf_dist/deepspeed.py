@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -60,39 +61,75 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
     if name is not None:
         schedule_free = _check_name(name) or schedule_free
     if not schedule_free:
-        return deepspeed.initialize(args=args, model=model, optimizer=optimizer,
-                                    model_parameters=model_parameters, config=config, **kwargs)
+        result = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                      model_parameters=model_parameters, config=config, **kwargs)
+        if isinstance(getattr(result[0], "basic_optimizer", None), ScheduleFreeOptimizer):
+            attach(result[1])  # a callable passed as optimizer= built one of ours
+        return result
 
     if model is None:
         raise ValueError("sf_dist.deepspeed.initialize requires model=")
     sf_name = type(optimizer).__name__ if optimizer is not None else name
     _refuse_scheduler(config, kwargs.get("lr_scheduler"), sf_name, allow_scheduler)
     config = _prepare_config(config)
-    if name is not None and name.lower() in OPTIMIZERS:
-        if optimizer is not None:
-            raise ValueError(f"ds_config names the optimizer {name!r} and optimizer={type(optimizer).__name__} "
-                             "was also passed: give the optimizer in one place only")
-        optimizer = _build(name, entry.get("params", {}), model, model_parameters)
+    hold = _ConstructionStep()
+    if name is not None and optimizer is not None:
+        raise ValueError(f"ds_config names the optimizer {name!r} and optimizer={type(optimizer).__name__} "
+                         "was also passed: give the optimizer in one place only")
+    if optimizer is not None:
+        client = hold(optimizer)
+    else:  # built by DeepSpeed after any module replacement (AutoTP/AutoEP), as its own config optimizers are
+        client = _factory(name, entry.get("params") or {}, hold)
         config = {k: v for k, v in config.items() if k != "optimizer"}
-
-    with _init_state_instead_of_step(optimizer):
+    try:
         engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, config=config, **kwargs)
+            args=args, model=model, optimizer=client, model_parameters=model_parameters, config=config, **kwargs)
+    finally:
+        hold.release()
     return engine, attach(engine_optimizer), dataloader, scheduler
 
 
-@contextlib.contextmanager
-def _init_state_instead_of_step(optimizer: ScheduleFreeOptimizer) -> Iterator[None]:
-    """DeepSpeed's fp16/bf16 wrappers at ZeRO-0 run a zero-gradient step() at construction to create state.
+class _ConstructionStep:
+    """While DeepSpeed builds the engine, the held optimizers' step() only creates their state.
 
-    For Schedule-Free that step raises in eval mode, or in train mode advances k and weight_sum
-    and applies weight decay: while DeepSpeed builds, step() only creates the state.
+    DeepSpeed's fp16/bf16 wrappers at ZeRO-0 run a zero-gradient step() at construction; for
+    Schedule-Free it would raise (eval mode) or advance k and weight_sum and apply weight decay.
     """
-    optimizer.step = lambda closure=None: optimizer.init_state()
+
+    def __init__(self) -> None:
+        self.held: list[ScheduleFreeOptimizer] = []
+
+    def __call__(self, opt: ScheduleFreeOptimizer) -> ScheduleFreeOptimizer:
+        opt.step = lambda closure=None: opt.init_state()
+        self.held.append(opt)
+        return opt
+
+    def release(self) -> None:
+        for opt in self.held:
+            opt.__dict__.pop("step", None)
+
+
+def _factory(name: str, params: dict, hold: _ConstructionStep) -> Callable[[Any], ScheduleFreeOptimizer]:
+    """The optimizer of a config entry as a callable of the model parameters; bad keys fail now."""
+    cls = OPTIMIZERS[name.lower()]
+    params = {k: tuple(v) if k == "betas" else v for k, v in params.items()}
     try:
-        yield
-    finally:
-        del optimizer.step
+        inspect.signature(cls).bind_partial(None, **params)
+    except TypeError as err:
+        valid = [p for p in inspect.signature(cls).parameters if p != "params"]
+        raise ValueError(f"bad params for {cls.__name__} in ds_config ({err}); valid keys: {valid}") from None
+    return lambda model_parameters: hold(cls(_trainable(model_parameters), **params))
+
+
+def _trainable(model_parameters: Any) -> list:
+    """Params (or param-group dicts) without the frozen ones: they never get a gradient or state."""
+    def keep(params: Any) -> list:
+        return [p for p in ([params] if isinstance(params, torch.Tensor) else params) if p.requires_grad]
+
+    items = list(model_parameters)
+    if items and isinstance(items[0], dict):
+        return [{**group, "params": keep(group["params"])} for group in items]
+    return keep(items)
 
 
 def _load_config(config: Any) -> dict:
@@ -140,22 +177,6 @@ def _prepare_config(config: dict) -> dict:
     if offload.get("device") == "cpu":  # DeepSpeed has no CPU kernel of Schedule-Free to insist on
         config = {"zero_force_ds_cpu_optimizer": False, **config}
     return config
-
-
-def _build(name: str, params: dict, model: torch.nn.Module, model_parameters: Any) -> ScheduleFreeOptimizer:
-    cls = OPTIMIZERS[name.lower()]
-    params = dict(params)
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    if model_parameters is None:
-        model_parameters = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return cls(model_parameters, **params)
-    except TypeError as err:
-        import inspect
-
-        valid = [p for p in inspect.signature(cls).parameters if p != "params"]
-        raise ValueError(f"bad params for {cls.__name__} in ds_config ({err}); valid keys: {valid}") from None
 
 
 # ---- train()/eval() on the engine's optimizer ------------------------------------------------

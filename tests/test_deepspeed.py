@@ -76,8 +76,10 @@ def _config(stage: int, opt: str = "AdamWScheduleFree", bf16: bool = False, **ex
 
 # ---- the reference, single process, float64, full batch ---------------------------------------
 
-def _reference(opt_name: str, steps: int) -> dict[str, object]:
+def _reference(opt_name: str, steps: int, frozen: tuple[str, ...] = ()) -> dict[str, object]:
     model = Net().double()
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
     params = {k: tuple(v) if k == "betas" else v for k, v in PARAMS[opt_name].items()}
     opt = REFERENCE[opt_name](_groups(model), **params)
     opt.train()
@@ -197,6 +199,21 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         rec["x"] = sfds.engine_state_dict(engine)
         with torch.no_grad():
             rec["out"] = engine(X_TEST)
+
+    for stage in (2, 3):  # optimizer= an instance we built, and a frozen param
+        model = Net()
+        model.fc2.bias.requires_grad_(False)
+        params = {k: tuple(v) if k == "betas" else v for k, v in PARAMS["AdamWScheduleFree"].items()}
+        cfg = {k: v for k, v in _config(stage).items() if k != "optimizer"}
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in _groups(model)]
+        engine, opt, _, _ = sfds.initialize(model=model, config=cfg,
+                                            optimizer=sf_dist.AdamWScheduleFree(groups, **params))
+        opt.train()
+        _train(engine, rank, range(STEPS))
+        rec = results[f"frozen{stage}"] = {"y": sfds.engine_state_dict(engine)}
+        engine.save_checkpoint(os.path.join(ckpt_root, f"frozen{stage}"))
+        opt.eval()
+        rec["x"] = sfds.engine_state_dict(engine)
 
     builtin = _config(1)
     builtin["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
@@ -345,6 +362,17 @@ def test_cpu_optimizer_offload_matches_reference(fp32_runs, stage):
     _close(ranks[0][f"offload{stage}"]["x"], ref["x"])
     for rank in ranks:
         torch.testing.assert_close(rank[f"offload{stage}"]["out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_client_optimizer_instance_with_a_frozen_param(fp32_runs, stage):
+    ranks, root = fp32_runs
+    ref = _reference("AdamWScheduleFree", STEPS, frozen=("fc2.bias",))
+    rec = ranks[0][f"frozen{stage}"]
+    _close(rec["y"], ref["y"])
+    _close(rec["x"], ref["x"])
+    torch.testing.assert_close(rec["x"]["fc2.bias"], Net().fc2.bias.detach(), rtol=0, atol=0)
+    _close(eval_state_dict_from_checkpoint(str(root / f"frozen{stage}")), rec["x"], rtol=1e-6, atol=1e-7)
 
 
 def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
