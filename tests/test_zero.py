@@ -4,6 +4,7 @@ One spawn per world size runs every optimizer x stage, so the file stays within 
 each check raises inside the ranks with a message naming what differed.
 """
 
+import contextlib
 import copy
 import math
 
@@ -21,7 +22,7 @@ from sf_dist.zero import ZeroScheduleFree
 from sf_dist.zero import buckets as zbuckets
 
 RTOL, ATOL = 1e-5, 1e-6
-BATCH = 12  # divisible by W = 1, 2, 3, 4: the mean of the ranks' mean losses is the full-batch mean
+BATCH = 24  # divisible by W * micro-batches (W = 1..4, 1 or 2 micro-batches): mean losses average exactly
 OURS = {"adamw": sf_dist.AdamWScheduleFree, "sgd": sf_dist.SGDScheduleFree, "radam": sf_dist.RAdamScheduleFree}
 THEIRS = {"adamw": schedulefree.AdamWScheduleFree, "sgd": schedulefree.SGDScheduleFree,
           "radam": schedulefree.RAdamScheduleFree}
@@ -57,12 +58,15 @@ def _data(step):
                                                                                   dtype=torch.float64)
 
 
-def _backward(net, step, rank, world, micro=1):
-    """This rank's slice of the batch, in ``micro`` accumulated backward passes."""
+def _backward(net, step, rank, world, micro=1, no_sync=None):
+    """This rank's slice of the batch, in ``micro`` accumulated backward passes (all but the last
+    inside ``no_sync()`` when given)."""
     x, y = _data(step)
     n = BATCH // world // micro
     for m in range(rank * micro, (rank + 1) * micro):
-        (nn.functional.mse_loss(net(x[m * n:(m + 1) * n], step), y[m * n:(m + 1) * n]) / micro).backward()
+        last = m == (rank + 1) * micro - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            (nn.functional.mse_loss(net(x[m * n:(m + 1) * n], step), y[m * n:(m + 1) * n]) / micro).backward()
 
 
 def _close(ours, ref, what):
@@ -73,19 +77,20 @@ def _close(ours, ref, what):
 class Pair:
     """A ZeroScheduleFree model and the single-process reference, stepped on the same batches."""
 
-    def __init__(self, rank, world, kind, stage, cap=25.0, clip=None, micro=1):
+    def __init__(self, rank, world, kind, stage, cap=25.0, clip=None, micro=1, no_sync=False):
         self.rank, self.world, self.clip, self.micro = rank, world, clip, micro
         self.net, self.ref = Net(), Net()
         self.opt = ZeroScheduleFree(_groups(self.net, kind), OURS[kind], stage=stage, bucket_cap_mb=cap,
                                     **HP[kind])
         self.ref_opt = THEIRS[kind](_groups(self.ref, kind), **HP[kind])
+        self.no_sync = self.opt.no_sync if no_sync else None
         self.opt.train()
         self.ref_opt.train()
         self.k = 0
 
     def steps(self, n, what):
         for _ in range(n):
-            _backward(self.net, self.k, self.rank, self.world, self.micro)
+            _backward(self.net, self.k, self.rank, self.world, self.micro, self.no_sync)
             _backward(self.ref, self.k, 0, 1)
             if self.clip is not None:
                 norm = self.opt.clip_grad_norm_(self.clip)
@@ -101,12 +106,15 @@ class Pair:
 
 
 def _equality(rank, world):
-    """Every optimizer x stage x bucketing: y each step, x in eval mode, y again after train()."""
+    """Every optimizer x stage x bucketing: y each step, x in eval mode, y again after train().
+
+    The small-bucket runs clip and take two accumulated backward passes a step.
+    """
     for kind in OURS:
         for stage in (1, 2):
-            for cap, clip in ((25.0, None), (TINY, 0.05)):
-                what = f"W={world} {kind} stage {stage} cap {cap} clip {clip}"
-                pair = Pair(rank, world, kind, stage, cap, clip)
+            for cap, clip, micro in ((25.0, None, 1), (TINY, 0.05, 2)):
+                what = f"W={world} {kind} stage {stage} cap {cap} clip {clip} micro-batches {micro}"
+                pair = Pair(rank, world, kind, stage, cap, clip, micro)
                 pair.steps(4, what)
                 y = [p.detach().clone() for p in pair.net.parameters()]
                 pair.opt.eval()
@@ -130,7 +138,12 @@ def _memory_and_traffic(rank, world):
     for stage in (1, 2):
         opt = ZeroScheduleFree(net.parameters(), stage=stage, bucket_cap_mb=0.01)  # 1310 elements a bucket
         opt.train()
-        sent = _count_collectives(lambda: (net(x).square().mean().backward(), opt.step()))
+        def one_step():  # two micro-batches, the first without communication
+            with opt.no_sync():
+                net(x[:4]).square().mean().backward()
+            net(x[4:]).square().mean().backward()
+            opt.step()
+        sent = _count_collectives(one_step)
         padded = sum(b.world * b.shard for b in opt._all_buckets())
         nb = len(opt._all_buckets())
         assert nb > 1 and padded - total < world * nb, (nb, padded, total)
@@ -190,8 +203,8 @@ def _count_collectives(fn):
 
 def _exports_errors_bf16(rank, world, tmp):
     """eval exports leave y bitwise; bad constructions fail on every rank; bf16 keeps fp32 masters."""
-    pair = Pair(rank, world, "adamw", 2, TINY, micro=2)
-    pair.steps(3, "exports (2 accumulated backward passes a step)")
+    pair = Pair(rank, world, "adamw", 2, TINY, micro=2, no_sync=True)
+    pair.steps(3, "exports (2 backward passes a step, the first in no_sync())")
     y = {n: p.detach().clone() for n, p in pair.net.named_parameters()}
     pair.ref_opt.eval()
     x = {n: p.detach().clone() for n, p in pair.ref.named_parameters()}
@@ -250,6 +263,8 @@ def _exports_errors_bf16(rank, world, tmp):
         ZeroScheduleFree(Net().parameters(), stage=3)
     with pytest.raises(RuntimeError, match="eval mode"):
         ZeroScheduleFree(Net().parameters()).step()
+    with pytest.raises(RuntimeError, match="cannot add param groups after construction"):
+        ZeroScheduleFree(Net().parameters()).add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
 
     # bf16 + fp32 params in one group: two buckets, fp32 masters. Oracle: every rank sees the full
     # batch (so the averaged bf16 gradient is exact) and a single-process optimizer steps fp32

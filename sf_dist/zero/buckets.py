@@ -83,8 +83,8 @@ class Bucket:
         self._inflight: list[tuple[Optional[dist.Work], Tensor, Tensor]] = []
 
     # ---- gradients ---------------------------------------------------------------------------
-    def add_grad(self, i: int, grad: Tensor) -> None:
-        """Accumulate param i's local gradient; launch the reduction once every param reported."""
+    def add_grad(self, i: int, grad: Tensor, sync: bool) -> None:
+        """Accumulate param i's local gradient; with ``sync``, launch once every param reported."""
         if self._local is None:
             self._local = torch.empty_like(self.flat)
             self._fresh = [False] * len(self.params)
@@ -95,9 +95,10 @@ class Bucket:
             dst.copy_(grad.reshape(-1))
             self._fresh[i] = True
         self.had_grad[i] = True
-        self._pending -= 1
-        if self._pending == 0:
-            self.launch()
+        if sync:
+            self._pending -= 1
+            if self._pending == 0:
+                self.launch()
 
     def launch(self) -> None:
         """Start the async reduction of this backward's local grads (no-op if there are none)."""

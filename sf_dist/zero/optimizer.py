@@ -7,7 +7,8 @@ weights are all-gathered into every rank's params.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,9 +63,18 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         self._pull_counters()
         self._where = {p: (b, i) for bs in self.buckets for b in bs for i, p in enumerate(b.params)}
         self._saved_y: Optional[list[Tensor]] = None
+        self._accumulating = False
         self._broadcast_from_rank0()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for p in self._where if p.requires_grad] if overlap else []
+        self._built = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only during construction: the flat buffers and shards are laid out once."""
+        if getattr(self, "_built", False):
+            raise RuntimeError("ZeroScheduleFree cannot add param groups after construction (its buffers are "
+                               "laid out once): pass every group to the constructor")
+        super().add_param_group(param_group)
 
     # ---- mode --------------------------------------------------------------------------------
     @property
@@ -101,9 +111,23 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         self._publish()
 
     # ---- gradients and step ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate gradients locally (no communication), like DDP's.
+
+        >>> with opt.no_sync():
+        ...     loss_fn(model(x1), y1).backward()   # micro-batch 1: no traffic
+        >>> loss_fn(model(x2), y2).backward()       # last micro-batch: reduces the sum
+        """
+        before, self._accumulating = self._accumulating, True
+        try:
+            yield
+        finally:
+            self._accumulating = before
+
     def _on_grad(self, p: Tensor) -> None:
         bucket, i = self._where[p]
-        bucket.add_grad(i, p.grad)
+        bucket.add_grad(i, p.grad, sync=not self._accumulating)
         p.grad = None
         bucket.reap(block=False)
 
@@ -112,7 +136,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         """Reduce whatever backward left behind (un-hooked grads, partial buckets) and wait."""
         for p, (bucket, i) in self._where.items():
             if p.grad is not None:
-                bucket.add_grad(i, p.grad)
+                bucket.add_grad(i, p.grad, sync=False)
                 p.grad = None
         for b in self._all_buckets():
             b.launch()
