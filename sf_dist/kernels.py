@@ -12,6 +12,7 @@ run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -126,6 +127,17 @@ def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -
               additive if s.decay_at == "z" else 0.0, s.shrink,
               s.beta2 if s.beta2 is not None else 0.0, s.bias_correction2, s.eps, float(s.normalize)]
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+@functools.cache
+def cpu_kernel_available() -> bool:
+    """Whether the fused C++ CPU kernel builds here; warns once and says False if it does not."""
+    try:
+        _cpu_extension()
+        return True
+    except RuntimeError as e:
+        warnings.warn(f"{e}; falling back to the per-tensor kernel", stacklevel=2)
+        return False
 
 
 @functools.cache

@@ -244,12 +244,12 @@ def _validate(group: dict[str, Any]) -> None:
 
 
 def _pick_impl(group: dict[str, Any], tensors: list[Tensor]) -> str:
-    """The kernel path: the one asked for, else foreach on accelerators and per-tensor on CPU.
-
-    fused is opt-in: it compiles on first use (seconds), which dominates short or test runs.
-    """
+    """The kernel path: the one asked for; by default fused on the CPU (a C++ kernel built once,
+    as fast as torch's fused AdamW) and foreach on accelerators (no compile time)."""
     if group["fused"]:
         return "fused"
-    if group["foreach"] is None:
-        return "foreach" if tensors[0].device.type != "cpu" else "single"
-    return "foreach" if group["foreach"] else "single"
+    if group["foreach"] is not None:
+        return "foreach" if group["foreach"] else "single"
+    if tensors[0].device.type == "cpu":
+        return "fused" if kernels.cpu_kernel_available() else "single"
+    return "foreach"

@@ -215,3 +215,14 @@ def test_two_ranks_stepping_halves_equal_one_rank_stepping_the_whole():
         for mode in ("train", "eval"):
             for r in range(2):
                 assert torch.equal(ranks[r][name][mode], single[name][mode]), (name, mode, r)
+
+
+def test_default_kernel_path_is_fused_on_cpu_and_explicit_choices_win():
+    from sf_dist.optim import _pick_impl
+
+    t = [torch.zeros(3)]
+    group = dict(fused=None, foreach=None)
+    assert _pick_impl(group, t) == "fused"
+    assert _pick_impl(dict(group, foreach=False), t) == "single"
+    assert _pick_impl(dict(group, foreach=True), t) == "foreach"
+    assert _pick_impl(dict(group, fused=True), t) == "fused"
