@@ -11,12 +11,13 @@ import contextlib
 import json
 import os
 import struct
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .kernels import swap_
 from .optim import ScheduleFreeOptimizer, local
 
 try:
@@ -130,12 +131,9 @@ def _snapshot_y(optimizer: ScheduleFreeOptimizer) -> list[tuple[Tensor, Tensor]]
 
 
 # ---- x as tensors, without touching y ----------------------------------------------------------
-def _x_maker(model: nn.Module, optimizer: Any) -> Optional[Callable[[Tensor], Tensor]]:
+def _x_maker(optimizer: Any, values: Iterable[Any]) -> Optional[Callable[[Any], Any]]:
     """A function from a state-dict value aliasing a param (y) to a fresh x tensor, or None when
-    x cannot be derived tensor by tensor (params not ours, FSDP1 views, or already in eval mode).
-    """
-    if not isinstance(optimizer, ScheduleFreeOptimizer) or not optimizer.train_mode or _is_fsdp1(model):
-        return None
+    some param with state is not among ``values`` by storage (then x must come from eval())."""
     by_storage: dict[tuple, tuple[Tensor, float, bool]] = {}
     for group in optimizer.param_groups:
         weight = 1 - 1 / optimizer.interpolation(group)
@@ -143,15 +141,18 @@ def _x_maker(model: nn.Module, optimizer: Any) -> Optional[Callable[[Tensor], Te
             state = optimizer.state.get(p, {})
             if "z" in state and local(p).numel() > 0:
                 by_storage[_storage_key(local(p))] = (local(state["z"]), weight, bool(group["foreach"]))
+    seen = {_storage_key(local(v)) for v in values if isinstance(v, Tensor) and not _is_sharded_tensor(v)}
+    if not seen.issuperset(by_storage):
+        return None
 
-    def to_x(value: Tensor) -> Tensor:
-        found = by_storage.get(_storage_key(local(value))) if _is_tensor(value) else None
+    def to_x(value: Any) -> Any:
+        found = by_storage.get(_storage_key(local(value))) if isinstance(value, Tensor) \
+            and not _is_sharded_tensor(value) else None
         if found is None:
             return value
         z, weight, foreach = found
         x = value.detach().clone()
-        from .kernels import swap_  # the same kernel call as optimizer.eval(): bitwise the same x
-        swap_([local(x)], [z], weight, foreach=foreach)
+        swap_([local(x)], [z], weight, foreach=foreach)  # optimizer.eval()'s own call: the same x
         return x
 
     return to_x
@@ -172,26 +173,31 @@ def _storage_key(t: Tensor) -> tuple:
 
 
 @contextlib.contextmanager
-def _x_view(model: nn.Module, optimizer: Any) -> Iterator[Callable[[Tensor], Tensor]]:
-    """Yield ``to_x(value)`` for state-dict values; y is bitwise unchanged once the block exits.
+def _x_state(model: nn.Module, optimizer: Any,
+             read: Callable[[], dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Callable[[Any], Any]]]:
+    """Yield ``(read(), to_x)``: map each value through ``to_x`` to get x. y is bitwise unchanged
+    once the block exits.
 
-    sf_dist optimizers on plain/DDP/FSDP2 modules derive x per tensor and never write the
-    params; elsewhere the params hold x inside the block and values aliasing them are copied.
+    For sf_dist optimizers in train mode on plain, DDP and FSDP2 modules, x is derived tensor by
+    tensor and the params are never written. Otherwise (FSDP1 views, other optimizers) the
+    params hold x inside the block and ``to_x`` copies the values that alias them.
     """
-    to_x = _x_maker(model, optimizer)
-    if to_x is not None:
-        yield to_x
-        return
+    if isinstance(optimizer, ScheduleFreeOptimizer) and optimizer.train_mode and not _is_fsdp1(model):
+        sd = read()
+        to_x = _x_maker(optimizer, sd.values())
+        if to_x is not None:
+            yield sd, to_x
+            return
     live = {local(p).untyped_storage().data_ptr() for p in model.parameters() if local(p).numel() > 0}
 
-    def copy_if_alias(value: Tensor) -> Tensor:
-        if not _is_tensor(value) or _is_sharded_tensor(value):  # FSDP1's shards are copies already
+    def copy_if_alias(value: Any) -> Any:
+        if not isinstance(value, Tensor) or _is_sharded_tensor(value):  # FSDP1's shards are copies
             return value
         aliased = local(value).numel() > 0 and local(value).untyped_storage().data_ptr() in live
         return value.detach().clone() if aliased else value
 
     with eval_weights(model, optimizer):
-        yield copy_if_alias
+        yield read(), copy_if_alias
 
 
 @contextlib.contextmanager
@@ -275,8 +281,8 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
         with eval_weights(model, optimizer):
             return engine_state_dict(model, full, cpu_offload)
     out: dict[str, Any] = {}
-    with _x_view(model, optimizer) as to_x:
-        for name, value in _sharded_state_dict(model).items():
+    with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, to_x):
+        for name, value in sd.items():
             if not full:
                 out[name] = to_x(value)
                 continue
@@ -309,8 +315,8 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
             save_file({k: v.contiguous() for k, v in tensors.items()}, path)
         _barrier()
         return
-    with _x_view(model, optimizer) as to_x:
-        entries = [(n, v) for n, v in _sharded_state_dict(model).items() if _is_tensor(v)]
+    with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, to_x):
+        entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
         writer = _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]) \
             if _rank() == 0 else None
         try:
@@ -354,6 +360,7 @@ class _SafetensorsWriter:
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, nbytes))
             offset += nbytes
+        header["__metadata__"] = {"format": "pt"}  # what transformers' from_pretrained checks for
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self._next = 0
@@ -404,8 +411,7 @@ def register_eval_state_dict_hook(model: nn.Module, optimizer: Any) -> EvalState
             return plain_state_dict(*args, **kwargs)
         if sharded:
             agreed_train_mode(optimizer)
-        with _x_view(model, optimizer) as to_x:
-            sd = plain_state_dict(*args, **kwargs)
+        with _x_state(model, optimizer, lambda: plain_state_dict(*args, **kwargs)) as (sd, to_x):
             for key, value in sd.items():
                 sd[key] = to_x(value)
         return sd

@@ -85,6 +85,7 @@ def check_exports(rank, model, opt, x_ref, outdir):
     """Every export path gives x; the local shards of y stay bitwise the same."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     y = [p.to_local().clone() for p in model.parameters()]
+    versions = [p.to_local()._version for p in model.parameters()]
 
     def y_intact(what):
         assert opt.train_mode, what
@@ -109,6 +110,7 @@ def check_exports(rank, model, opt, x_ref, outdir):
         plain.load_state_dict(load_file(path), strict=True)
         assert_close(plain.state_dict(), x_ref, "save_eval_weights")
     y_intact("save_eval_weights")
+    assert [p.to_local()._version for p in model.parameters()] == versions  # params never written
 
     handle = register_eval_state_dict_hook(model, opt)
     assert_close(full(model.state_dict()), x_ref, "hooked state_dict")
