@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .weights import _dist_up, _own_state_dict_calls, _rank, agreed_train_mode
+from .weights import _dist_up, _is_deepspeed, _own_state_dict_calls, _rank, agreed_train_mode
 
 __all__ = ["save", "load"]
 
@@ -36,7 +36,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
 
     >>> sf_dist.checkpoint.save("ckpt/step_1000", model, opt, extra={"step": 1000})
     """
-    path = os.fspath(path)
+    path = _checked_path(path, model)
     agreed_train_mode(optimizer)
     tmp = path + ".tmp"
     if _rank() == 0:
@@ -58,7 +58,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
 
     >>> extra = sf_dist.checkpoint.load("ckpt/step_1000", model, opt)
     """
-    path = os.fspath(path)
+    path = _checked_path(path, model)
     metadata = _read_metadata(path)
     state = _state(model, optimizer, None)
     _check_model_keys(path, metadata, state["model"])
@@ -73,6 +73,13 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     else:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     return pickle.loads(state["extra"])
+
+
+def _checked_path(path: str | os.PathLike, model: Any) -> str:
+    if _is_deepspeed(model):
+        raise TypeError("sf_dist.checkpoint does not handle DeepSpeed engines: use engine.save_checkpoint() / "
+                        "engine.load_checkpoint() (see docs/deepspeed.md)")
+    return os.path.normpath(os.fspath(path))  # "ckpt/" must not put the temporary inside "ckpt"
 
 
 def _state(model: nn.Module, optimizer: Any, extra: Any) -> dict[str, Any]:

@@ -46,8 +46,9 @@ def _comm_device() -> torch.device:
     backend = str(dist.get_backend())
     if "gloo" in backend or backend == "mpi":
         return torch.device("cpu")
-    acc = torch.accelerator.current_accelerator()
-    return torch.device(acc.type, torch.accelerator.current_device_index())
+    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:  # torch >= 2.6
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def agreed_train_mode(optimizer: Any) -> bool:

@@ -109,7 +109,7 @@ def test_plain_resume_is_bitwise_and_errors_name_the_problem(tmp_path):
     # an eval-mode checkpoint comes back in eval mode with x in the params
     opt2.eval()
     x = {k: v.clone() for k, v in model2.state_dict().items()}
-    checkpoint.save(path, model2, opt2)  # replaces the previous one
+    checkpoint.save(path + "/", model2, opt2)  # replaces the previous one (trailing slash: same dir)
     model3 = make_model()
     opt3 = sf_dist.AdamWScheduleFree(model3.parameters(), **HP)
     opt3.train()
