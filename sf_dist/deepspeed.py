@@ -45,7 +45,8 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
     (any case) as ``optimizer.type``, its ``params`` going to the constructor. A Schedule-Free
     optimizer may also be passed as ``optimizer=``. Returns ``(engine, optimizer, dataloader,
     lr_scheduler)`` like DeepSpeed; the optimizer has ``train()``, ``eval()`` and ``train_mode``.
-    Configs without Schedule-Free pass through to DeepSpeed untouched.
+    A ``scheduler`` entry (or ``lr_scheduler=``) next to a Schedule-Free optimizer is refused
+    unless ``allow_scheduler=True``. Configs without Schedule-Free pass through untouched.
     """
     import deepspeed
 

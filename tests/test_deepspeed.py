@@ -244,23 +244,40 @@ def _model_weights(engine) -> dict[str, torch.Tensor]:
         return {n: p.data.clone() for n, p in params.items()}
 
 
-def _bf16_worker(rank: int, world: int) -> dict:
-    """bf16 at ZeRO-0..3 (and DeepSpeed's BF16 optimizer): eval() puts x in the masters and the model."""
-    cases = {0: _config(0, bf16=True), 1: _config(1, bf16=True), 2: _config(2, bf16=True), 3: _config(3, bf16=True),
-             "bf16_optimizer": _config(1, bf16=True, data_types={"grad_accum_dtype": "fp32"})}
+def _fp16(stage: int, scale_power: int = 8) -> dict:
+    return _config(stage, fp16={"enabled": True, "initial_scale_power": scale_power})
+
+
+LOW_PRECISION = {  # case: (config, expected DeepSpeed wrapper under our mixin)
+    "bf16-0": (_config(0, bf16=True), "FP16_UnfusedOptimizer"),
+    "bf16-1": (_config(1, bf16=True), "DeepSpeedZeroOptimizer"),
+    "bf16-2": (_config(2, bf16=True), "DeepSpeedZeroOptimizer"),
+    "bf16-3": (_config(3, bf16=True), "DeepSpeedZeroOptimizer_Stage3"),
+    "bf16-1-fp32-accumulation": (_config(1, bf16=True, data_types={"grad_accum_dtype": "fp32"}), "BF16_Optimizer"),
+    "fp16-0": (_fp16(0), "FP16_UnfusedOptimizer"),
+    "fp16-3": (_fp16(3), "DeepSpeedZeroOptimizer_Stage3"),
+    # a loss scale of 2**20 overflows fp16 gradients: DeepSpeed skips steps until it has shrunk
+    "fp16-2-overflow": (_fp16(2, scale_power=20), "DeepSpeedZeroOptimizer"),
+    "fp16-3-overflow": (_fp16(3, scale_power=20), "DeepSpeedZeroOptimizer_Stage3"),
+}
+
+
+def _low_precision_worker(rank: int, world: int) -> dict:
+    """bf16/fp16 at ZeRO-0..3 (and DeepSpeed's BF16 optimizer): eval() puts x in the masters and the model."""
     results = {}
-    for case, cfg in cases.items():
+    for case, (cfg, _) in LOW_PRECISION.items():
         engine, opt = _engine(cfg)
         opt.train()
         rec = results[case] = {"wrapper": type(opt).__name__, "losses": _train(engine, rank, range(STEPS))}
+        rec["skipped"], rec["counters"] = engine.skipped_steps, _counters(opt)
         y = sfds.engine_state_dict(engine)
         z = {n: _full_z(engine, p) for n, p in engine.module.named_parameters()}
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
         rec["model_at_eval"] = _model_weights(engine)
-        rec["model_dtype"] = str(engine.module.fc1.weight.dtype)
+        dtype = rec["model_dtype"] = engine.module.fc1.weight.dtype
         with torch.no_grad():
-            rec["out_finite"] = bool(torch.isfinite(engine(X_TEST.bfloat16()).float()).all())
+            rec["out_finite"] = bool(torch.isfinite(engine(X_TEST.to(dtype)).float()).all())
         opt.train()
         rec["y_round_trip"] = sfds.engine_state_dict(engine)
         rec["model_at_train"] = _model_weights(engine)
@@ -382,31 +399,33 @@ def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
 
 
 @pytest.fixture(scope="module")
-def bf16_runs():
-    return run_distributed(_bf16_worker, WORLD, timeout=240)
+def low_precision_runs():
+    return run_distributed(_low_precision_worker, WORLD, timeout=240)
 
 
-@pytest.mark.parametrize("case", [0, 1, 2, 3, "bf16_optimizer"])
-def test_bf16_eval_puts_rounded_x_in_the_model(bf16_runs, case):
-    rec = bf16_runs[0][case]
-    assert rec["model_dtype"] == "torch.bfloat16" and rec["out_finite"]
+@pytest.mark.parametrize("case", list(LOW_PRECISION))
+def test_low_precision_eval_puts_rounded_x_in_the_model(low_precision_runs, case):
+    rec = low_precision_runs[0][case]
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float16
+    assert rec["model_dtype"] == dtype and rec["out_finite"]
+    assert rec["wrapper"] == "ScheduleFree" + LOW_PRECISION[case][1]
     assert all(torch.isfinite(torch.tensor(rec["losses"])))
     b1 = PARAMS["AdamWScheduleFree"]["betas"][0]
     params = list(rec["model_at_eval"])
     x_expected = {n: rec["y"][n].lerp(rec["z"][n], 1 - 1 / b1) for n in params}
     _close({n: rec["x"][n] for n in params}, x_expected, rtol=1e-5, atol=1e-6)
-    for n in params:  # the model's bf16 weights are the fp32 x rounded, then y rounded again
-        assert torch.equal(rec["model_at_eval"][n], rec["x"][n].bfloat16()), n
-        assert torch.equal(rec["model_at_train"][n], rec["y_round_trip"][n].bfloat16()), n
+    for n in params:  # the model's low-precision weights are the fp32 x rounded, then y rounded again
+        assert torch.equal(rec["model_at_eval"][n], rec["x"][n].to(dtype)), n
+        assert torch.equal(rec["model_at_train"][n], rec["y_round_trip"][n].to(dtype)), n
         assert not torch.equal(rec["x"][n], rec["y"][n]), n
     _close(rec["y_round_trip"], rec["y"], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_uses_the_expected_deepspeed_wrappers(bf16_runs):
-    wrappers = {case: rec["wrapper"] for case, rec in bf16_runs[0].items()}
-    assert wrappers == {0: "ScheduleFreeFP16_UnfusedOptimizer", 1: "ScheduleFreeDeepSpeedZeroOptimizer",
-                        2: "ScheduleFreeDeepSpeedZeroOptimizer", 3: "ScheduleFreeDeepSpeedZeroOptimizer_Stage3",
-                        "bf16_optimizer": "ScheduleFreeBF16_Optimizer"}
+@pytest.mark.parametrize("case", list(LOW_PRECISION))
+def test_skipped_overflow_steps_do_not_advance_the_schedule(low_precision_runs, case):
+    rec = low_precision_runs[0][case]
+    assert rec["skipped"] >= 1 if case.endswith("overflow") else rec["skipped"] == 0
+    assert [c[0] for c in rec["counters"]] == [STEPS - rec["skipped"]] * 2
 
 
 # ---- config errors (raised before DeepSpeed starts: no process group needed) ----------------
