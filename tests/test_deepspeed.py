@@ -262,7 +262,7 @@ LOW_PRECISION = {  # case: (config, expected DeepSpeed wrapper under our mixin)
 }
 
 
-def _low_precision_worker(rank: int, world: int) -> dict:
+def _low_precision_worker(rank: int, world: int, ckpt_root: str) -> dict:
     """bf16/fp16 at ZeRO-0..3 (and DeepSpeed's BF16 optimizer): eval() puts x in the masters and the model."""
     results = {}
     for case, (cfg, _) in LOW_PRECISION.items():
@@ -272,6 +272,8 @@ def _low_precision_worker(rank: int, world: int) -> dict:
         rec["skipped"], rec["counters"] = engine.skipped_steps, _counters(opt)
         y = sfds.engine_state_dict(engine)
         z = {n: _full_z(engine, p) for n, p in engine.module.named_parameters()}
+        if not case.endswith("-0"):  # ZeRO-1..3 checkpoints, saved in train mode, for the offline export
+            engine.save_checkpoint(os.path.join(ckpt_root, case))
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
         rec["model_at_eval"] = _model_weights(engine)
@@ -399,13 +401,14 @@ def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
 
 
 @pytest.fixture(scope="module")
-def low_precision_runs():
-    return run_distributed(_low_precision_worker, WORLD, timeout=240)
+def low_precision_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds_lowp_ckpt")
+    return run_distributed(_low_precision_worker, WORLD, str(root), timeout=240), root
 
 
 @pytest.mark.parametrize("case", list(LOW_PRECISION))
 def test_low_precision_eval_puts_rounded_x_in_the_model(low_precision_runs, case):
-    rec = low_precision_runs[0][case]
+    rec = low_precision_runs[0][0][case]
     dtype = torch.bfloat16 if case.startswith("bf16") else torch.float16
     assert rec["model_dtype"] == dtype and rec["out_finite"]
     assert rec["wrapper"] == "ScheduleFree" + LOW_PRECISION[case][1]
@@ -423,9 +426,15 @@ def test_low_precision_eval_puts_rounded_x_in_the_model(low_precision_runs, case
 
 @pytest.mark.parametrize("case", list(LOW_PRECISION))
 def test_skipped_overflow_steps_do_not_advance_the_schedule(low_precision_runs, case):
-    rec = low_precision_runs[0][case]
+    rec = low_precision_runs[0][0][case]
     assert rec["skipped"] >= 1 if case.endswith("overflow") else rec["skipped"] == 0
     assert [c[0] for c in rec["counters"]] == [STEPS - rec["skipped"]] * 2
+
+
+@pytest.mark.parametrize("case", [c for c in LOW_PRECISION if not c.endswith("-0")])
+def test_offline_export_of_low_precision_checkpoints(low_precision_runs, case):
+    ranks, root = low_precision_runs
+    _close(eval_state_dict_from_checkpoint(str(root / case)), ranks[0][case]["x"], rtol=1e-6, atol=1e-7)
 
 
 # ---- config errors (raised before DeepSpeed starts: no process group needed) ----------------
