@@ -83,6 +83,7 @@ def assert_close(got, want, what):
 
 def check_exports(rank, model, opt, x_ref, outdir):
     """Every export path gives x; the local shards of y stay bitwise the same."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     y = [p.to_local().clone() for p in model.parameters()]
     versions = [p.to_local()._version for p in model.parameters()]
@@ -117,8 +118,13 @@ def check_exports(rank, model, opt, x_ref, outdir):
     got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         assert_close(got, x_ref, "hooked get_model_state_dict")
+    dcp.save({"model": model}, checkpoint_id=os.path.join(outdir, "dcp_x"))  # DCP calls state_dict()
     y_intact("hook")
     handle.remove()
+    fresh = shard(make_model(), dist.get_world_size())
+    target = {"model": get_model_state_dict(fresh)}
+    dcp.load(target, checkpoint_id=os.path.join(outdir, "dcp_x"))
+    assert_close(full(target["model"]), x_ref, "DCP save of the hooked model")
     assert torch.equal(model.state_dict()["0.weight"].to_local(), y[0])
 
 
