@@ -179,11 +179,15 @@ def _x_state(model: nn.Module, optimizer: Any,
     """Yield ``(read(), to_x)``: map each value through ``to_x`` to get x. y is bitwise unchanged
     once the block exits.
 
-    For sf_dist optimizers in train mode on plain, DDP and FSDP2 modules, x is derived tensor by
-    tensor and the params are never written. Otherwise (FSDP1 views, other optimizers) the
-    params hold x inside the block and ``to_x`` copies the values that alias them.
+    In eval mode the values are x already. For sf_dist optimizers on plain, DDP and FSDP2
+    modules, x is derived tensor by tensor and the params are never written. Otherwise (FSDP1
+    views, other optimizers) the params hold x inside the block and ``to_x`` copies the values
+    that alias them.
     """
-    if isinstance(optimizer, ScheduleFreeOptimizer) and optimizer.train_mode and not _is_fsdp1(model):
+    if not optimizer.train_mode:  # the params hold x already
+        yield read(), lambda value: value
+        return
+    if isinstance(optimizer, ScheduleFreeOptimizer) and not _is_fsdp1(model):
         sd = read()
         to_x = _x_maker(optimizer, sd.values())
         if to_x is not None:
