@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import guard, kernels
 from .schedule import DECAY_AT, StepScalars, advance_average, radam_rectification, warmup_factor
 
 try:
@@ -36,7 +36,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     moment_keys: tuple[str, ...] = ()
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], nonfinite: str = "skip") -> None:
+        if nonfinite not in guard.NONFINITE:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {guard.NONFINITE})")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.process_group: Optional[Any] = None  # ranks that agree on mode and finiteness (None: all)
         _validate(defaults)
         if defaults["foreach"] and defaults["fused"]:
             raise ValueError("foreach=True and fused=True are exclusive: pick one kernel path")
@@ -110,21 +115,23 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     # ---- step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """One Schedule-Free step on every param with a gradient (raises in eval mode)."""
-        if not self.train_mode:
-            raise RuntimeError(
-                "step() called in eval mode: the params hold x, not y. Call optimizer.train() "
-                "before training steps (and optimizer.eval() before evaluating or saving)."
-            )
+        """One Schedule-Free step on every param with a gradient.
+
+        Raises in eval mode. Non-finite gradients on any rank are handled per ``nonfinite``:
+        "skip" leaves all state bitwise unchanged and counts ``skipped_steps``, "error" raises.
+        """
+        if self.nonfinite == "ignore" and not self.train_mode:
+            raise RuntimeError(guard.EVAL_MODE_MESSAGE)
         loss = None
-        if closure is not None:
+        if closure is not None and self.train_mode:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        active = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        if self.nonfinite != "ignore" and self._skip():
+            return loss
+        for group, params in zip(self.param_groups, active):
             ys, grads, zs, moments = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("Schedule-Free optimizers do not support sparse gradients")
                 state = self._state_for(p)
@@ -140,6 +147,31 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group["k"] += 1
         return loss
 
+    def _skip(self) -> bool:
+        """Agree with every rank on mode and finiteness; True means skip this step (raises if asked)."""
+        where = [(gi, pi, p)
+                 for gi, group in enumerate(self.param_groups)
+                 for pi, p in enumerate(group["params"]) if p.grad is not None]
+        grads = [local(p.grad) for _, _, p in where]
+        bad_index = guard.first_nonfinite(grads)
+        device = next((local(p).device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        any_bad, any_eval = guard.agree(bad_index is not None, not self.train_mode, device, self.process_group)
+        if any_eval:
+            raise RuntimeError(guard.EVAL_MODE_MESSAGE if not self.train_mode else
+                               "step() refused: another rank is in eval mode while this one trains. "
+                               "Every rank must call optimizer.train() before stepping.")
+        if not any_bad:
+            return False
+        if self.nonfinite == "error":
+            k = self.param_groups[0]["k"]
+            if bad_index is None:
+                raise RuntimeError(f"non-finite gradient at step {k} on another rank (nonfinite='error')")
+            gi, pi, p = where[bad_index]
+            raise RuntimeError(f"non-finite gradient at step {k} in param_groups[{gi}]['params'][{pi}] "
+                               f"(shape {tuple(p.shape)}); nonfinite='skip' would skip the step")
+        self.skipped_steps += 1
+        return True
+
 
 class AdamWScheduleFree(ScheduleFreeOptimizer):
     """Schedule-Free AdamW (memory-efficient form), numerically equal to schedulefree 1.4.1.
@@ -153,10 +185,10 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
     def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, decay_at: str = "y", foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, nonfinite: str = "skip") -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                      decay_at=decay_at, foreach=foreach, fused=fused))
+                                      decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
         beta1, beta2 = group["betas"]
@@ -179,10 +211,10 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
     def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, r: float = 0.0, weight_lr_power: float = 2.0,
                  silent_sgd_phase: bool = True, decay_at: str = "y", foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, nonfinite: str = "skip") -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
                                       weight_lr_power=weight_lr_power, silent_sgd_phase=silent_sgd_phase,
-                                      decay_at=decay_at, foreach=foreach, fused=fused))
+                                      decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
         beta1, beta2 = group["betas"]
@@ -203,10 +235,10 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, decay_at: str = "y",
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None) -> None:
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "skip") -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                      decay_at=decay_at, foreach=foreach, fused=fused))
+                                      decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
 
     def interpolation(self, group: dict[str, Any]) -> float:
         return group["momentum"]

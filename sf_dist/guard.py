@@ -1,0 +1,44 @@
+"""What every rank must agree on before a step: the mode (train) and whether gradients are finite.
+
+Both facts travel in one small all-reduce, so a rank in eval mode or with a NaN gradient makes
+every rank raise or skip together instead of one rank raising while the others hang.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+NONFINITE = ("skip", "error", "ignore")
+
+EVAL_MODE_MESSAGE = ("step() called in eval mode: the params hold x, not y. Call optimizer.train() "
+                     "before training steps (and optimizer.eval() before evaluating or saving).")
+
+
+def first_nonfinite(grads: list[Tensor]) -> Optional[int]:
+    """Index of the first gradient holding a NaN or Inf, None if all are finite (one pass over them)."""
+    nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]  # the inf-norm of nothing is undefined
+    if not nonempty:
+        return None
+    norms = torch._foreach_norm([grads[i] for i in nonempty], float("inf"))
+    finite = torch.stack([n.float() for n in norms]).isfinite()
+    if bool(finite.all()):
+        return None
+    return nonempty[int((~finite).nonzero()[0])]
+
+
+def agree(bad: bool, eval_mode: bool, device: torch.device,
+          group: Optional[dist.ProcessGroup] = None) -> tuple[bool, bool]:
+    """(any rank has a non-finite gradient, any rank is in eval mode) over ``group``.
+
+    Without an initialised process group of more than one rank, the local facts are returned.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return bad, eval_mode
+    flags = torch.tensor([float(bad), float(eval_mode)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    any_bad, any_eval = flags.tolist()
+    return bool(any_bad), bool(any_eval)

@@ -1,0 +1,135 @@
+"""Non-finite gradients and mode agreement: every rank skips, raises or proceeds together."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import sf_dist
+from dist import run_distributed
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+
+
+def _grads(model, step, poison=False):
+    gen = torch.Generator().manual_seed(step)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        if poison and i == 2:
+            p.grad.view(-1)[1] = float("nan")
+
+
+def _everything(model, opt):
+    """Params, per-param state and group scalars, deep-copied for bitwise comparison."""
+    return copy.deepcopy(([p.detach().clone() for p in model.parameters()], opt.state_dict()))
+
+
+def _assert_bitwise(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert a[1]["param_groups"] == b[1]["param_groups"]
+    for key, state in a[1]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b[1]["state"][key][name]), (key, name)
+
+
+@pytest.mark.parametrize("cls", [sf_dist.AdamWScheduleFree, sf_dist.SGDScheduleFree, sf_dist.RAdamScheduleFree])
+def test_skip_leaves_state_bitwise_unchanged_and_continues_like_a_clean_run(cls):
+    model, clean = _model(), _model()
+    opt, clean_opt = cls(model.parameters(), lr=0.01), cls(clean.parameters(), lr=0.01)
+    opt.train(), clean_opt.train()
+    for k in range(8):
+        if k == 4:
+            _grads(model, 100, poison=True)
+            before = _everything(model, opt)
+            opt.step()
+            _assert_bitwise(before, _everything(model, opt))
+            assert opt.skipped_steps == 1
+        _grads(model, k), _grads(clean, k)
+        opt.step(), clean_opt.step()
+    _assert_bitwise(_everything(clean, clean_opt), _everything(model, opt))
+    assert clean_opt.skipped_steps == 0
+
+
+def test_skip_before_any_state_exists_creates_none():
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters())
+    opt.train()
+    _grads(model, 0, poison=True)
+    opt.step()
+    assert len(opt.state) == 0 and opt.param_groups[0]["k"] == 0 and opt.skipped_steps == 1
+
+
+def test_error_names_step_and_parameter_and_changes_nothing():
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), nonfinite="error")
+    opt.train()
+    for k in range(3):
+        _grads(model, k)
+        opt.step()
+    _grads(model, 9, poison=True)
+    before = _everything(model, opt)
+    with pytest.raises(RuntimeError, match=r"non-finite gradient at step 3 in param_groups\[0\]\['params'\]\[2\] \(shape \(3, 4\)\)"):
+        opt.step()
+    _assert_bitwise(before, _everything(model, opt))
+
+
+def test_ignore_propagates_like_the_reference():
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), nonfinite="ignore")
+    opt.train()
+    _grads(model, 0, poison=True)
+    opt.step()
+    assert torch.isnan(list(model.parameters())[2]).any()
+
+
+def test_invalid_nonfinite_is_refused():
+    with pytest.raises(ValueError, match="Invalid nonfinite: 'drop'"):
+        sf_dist.AdamWScheduleFree(_model().parameters(), nonfinite="drop")
+
+
+def _ranks_agree(rank, world_size):
+    """Rank 1 alone sees a NaN, then rank 1 alone is in eval mode: every rank must react the same."""
+    out = {}
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.01)
+    opt.train()
+    _grads(model, 0)
+    opt.step()
+    _grads(model, 1, poison=rank == 1)
+    before = _everything(model, opt)
+    opt.step()
+    out["skipped"] = opt.skipped_steps
+    out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before[0], _everything(model, opt)[0]))
+    out["k"] = opt.param_groups[0]["k"]
+
+    opt.nonfinite = "error"
+    _grads(model, 2, poison=rank == 1)
+    try:
+        opt.step()
+    except RuntimeError as e:
+        out["error"] = str(e)
+
+    opt.nonfinite = "skip"
+    if rank == 1:
+        opt.eval()
+    _grads(model, 3)
+    try:
+        opt.step()
+    except RuntimeError as e:
+        out["mode"] = str(e)
+    dist.barrier()
+    return out
+
+
+def test_ranks_skip_raise_and_refuse_together():
+    r0, r1 = run_distributed(_ranks_agree, 2)
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["unchanged"] and r1["unchanged"]
+    assert r0["k"] == r1["k"] == 1
+    assert "on another rank" in r0["error"] and "param_groups[0]['params'][2]" in r1["error"]
+    assert "another rank is in eval mode" in r0["mode"]
+    assert "Call optimizer.train()" in r1["mode"]
