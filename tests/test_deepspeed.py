@@ -200,6 +200,23 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         with torch.no_grad():
             rec["out"] = engine(X_TEST)
 
+    for case, stage, zero in (("accumulate2", 2, {}), ("accumulate3-param-offload", 3, {"offload_param": {"device": "cpu"}})):
+        cfg = _config(stage, train_micro_batch_size_per_gpu=MICRO // 2, gradient_accumulation_steps=2)
+        cfg["zero_optimization"].update(zero)
+        engine, opt = _engine(cfg)
+        opt.train()
+        for step in range(STEPS):  # two micro-batches of 2 rows per rank: still the full batch of 8
+            x, y = _batch(step)
+            for micro in range(2):
+                rows = slice(rank * MICRO + micro * 2, rank * MICRO + micro * 2 + 2)
+                engine.backward(F.mse_loss(engine(x[rows]), y[rows]))
+                engine.step()
+        rec = results[case] = {"y": sfds.engine_state_dict(engine), "counters": _counters(opt)}
+        opt.eval()
+        rec["x"] = sfds.engine_state_dict(engine)
+        with torch.no_grad():
+            rec["out"] = engine(X_TEST)
+
     for stage in (2, 3):  # optimizer= an instance we built, and a frozen param
         model = Net()
         model.fc2.bias.requires_grad_(False)
@@ -381,6 +398,18 @@ def test_cpu_optimizer_offload_matches_reference(fp32_runs, stage):
     _close(ranks[0][f"offload{stage}"]["x"], ref["x"])
     for rank in ranks:
         torch.testing.assert_close(rank[f"offload{stage}"]["out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", ["accumulate2", "accumulate3-param-offload"])
+def test_gradient_accumulation_steps_once_per_boundary(fp32_runs, case):
+    ranks, _ = fp32_runs
+    ref = _reference("AdamWScheduleFree", STEPS)
+    rec = ranks[0][case]
+    assert [c[0] for c in rec["counters"]] == [STEPS, STEPS]
+    _close(rec["y"], ref["y"])
+    _close(rec["x"], ref["x"])
+    for rank in ranks:
+        torch.testing.assert_close(rank[case]["out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
