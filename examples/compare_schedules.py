@@ -36,18 +36,18 @@ _DATA: dict = {}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=600, help="the full budget")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--warmup-frac", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="the lr grid, the same for every method")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation and data order)")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup, as a fraction of each run's budget")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    p.add_argument("--block-size", type=int, default=64, help="context length in bytes")
+    p.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--n-embd", type=int, default=64, help="model width")
     p.add_argument("--eval-points", type=int, default=20, help="validation passes along each run")
-    p.add_argument("--eval-seqs", type=int, default=256)
+    p.add_argument("--eval-seqs", type=int, default=256, help="validation windows (a fixed set)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     return p.parse_args(argv)
 
 
@@ -97,6 +97,13 @@ def run_one(job: dict) -> dict:
     return {**job, "curve": curve, "curve_y": curve_y, "wall_s": time.perf_counter() - start}
 
 
+def _run_all(pool, jobs: list[dict], label: str) -> list[dict]:
+    """Run ``jobs`` on the pool with a progress bar; results in job order."""
+    from tqdm import tqdm
+
+    return list(tqdm(pool.imap(run_one, jobs, chunksize=1), total=len(jobs), desc=label, unit="run"))
+
+
 def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
@@ -116,13 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs, initializer=_init_worker) as pool:
-        grid = pool.map(run_one, [job(m, lr, s, args.steps, marks) for m in METHODS for lr in args.lrs for s in args.seeds], chunksize=1)
+        grid = _run_all(pool, [job(m, lr, s, args.steps, marks) for m in METHODS for lr in args.lrs for s in args.seeds], "lr grid")
         final = {(r["method"], r["lr"]): [] for r in grid}
         for r in grid:
             final[(r["method"], r["lr"])].append(r["curve"][args.steps])
         best_lr = {m: min(args.lrs, key=lambda lr: statistics.fmean(final[(m, lr)])) for m in METHODS}
         short = [round(args.steps * f) for f in FRACTIONS[:-1]]
-        restarted = pool.map(run_one, [job("adamw_cosine", best_lr["adamw_cosine"], s, b, [b]) for b in short for s in args.seeds], chunksize=1)
+        restarted = _run_all(pool, [job("adamw_cosine", best_lr["adamw_cosine"], s, b, [b]) for b in short for s in args.seeds],
+                             "cosine restarted per budget")
     total_s = time.perf_counter() - started
 
     results: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
