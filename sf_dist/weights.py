@@ -114,15 +114,27 @@ def eval_weights(model: nn.Module, optimizer: Any) -> Iterator[nn.Module]:
 
 
 def _drop_gathered_copies(model: nn.Module) -> None:
-    """FSDP2 keeps some units' gathered weights after a no-grad forward (the root's, or any with
-    reshard_after_forward=False); a swap of the shards would not reach them, so free them."""
+    """FSDP2 and FSDP1 keep some units' gathered weights after a no-grad forward (the root's, or
+    any that does not reshard after forward); a swap of the shards would not reach that copy and
+    the next forward would silently use the old weights, so free them."""
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     except ImportError:
         return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+        elif isinstance(module, FullyShardedDataParallel):
+            _reshard_fsdp1(module)
+
+
+def _reshard_fsdp1(module: nn.Module) -> None:
+    """FSDP1 has no public reshard(): free a unit's gathered flat parameter through its handle,
+    as FSDP1 itself does after backward."""
+    from torch.distributed.fsdp._runtime_utils import _reshard
+    handle = module._handle
+    if handle is not None and handle.uses_sharded_strategy and not handle.needs_unshard():
+        _reshard(module, handle, free_unsharded_flat_param=True)
 
 
 def _snapshot_y(optimizer: ScheduleFreeOptimizer) -> list[tuple[Tensor, Tensor]]:

@@ -81,6 +81,28 @@ def gathered(sharded):
     return out
 
 
+def check_forward_at_x_then_y(rank, world_size):
+    """One unit, so the root owns every weight and FSDP1 keeps it gathered after a no-grad
+    forward: a forward inside eval_weights must still see x, and the next one after it y."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    ref = make_model()
+    ref_opt = schedulefree.AdamWScheduleFree(ref.parameters(), **OPTS["adamw"][2])
+    run(ref, ref_opt, batches())
+    model = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), **OPTS["adamw"][2])
+    run(model, opt, batches(), rank, world_size)
+    probe = batches()[0][0]
+    with torch.no_grad():
+        at_y = ref(probe)
+        ref_opt.eval()
+        at_x = ref(probe)
+        torch.testing.assert_close(model(probe), at_y, rtol=RTOL, atol=ATOL)  # leaves the root gathered
+        for _ in range(2):
+            with sf_dist.eval_weights(model, opt):
+                torch.testing.assert_close(model(probe), at_x, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(model(probe), at_y, rtol=RTOL, atol=ATOL)
+
+
 def fsdp1_worker(rank, world_size, outdir):
     data = batches()
     for kind in OPTS:
@@ -121,6 +143,8 @@ def fsdp1_worker(rank, world_size, outdir):
         y_intact("hook")
         handle.remove()
         assert_close(model.state_dict(), y_ref, "after remove()")
+
+    check_forward_at_x_then_y(rank, world_size)
 
     # resume from a checkpoint: bitwise on the uninterrupted trajectory
     ckpt = os.path.join(outdir, "ckpt")
