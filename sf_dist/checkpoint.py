@@ -64,8 +64,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     _check_model_keys(path, metadata, state["model"])
     try:
         dcp.load(state, checkpoint_id=path)
-    except (CheckpointException, RuntimeError) as e:  # the last line names the key
-        raise RuntimeError(f"checkpoint {path!r} does not match this model/optimizer (a different "
+    except CheckpointException as e:  # per-rank tracebacks; the last line names the cause
+        raise RuntimeError(f"checkpoint {path!r} could not be loaded into this model/optimizer (a different "
                            f"optimizer class or param grouping?): {str(e).strip().splitlines()[-1]}") from e
     set_model_state_dict(model, state["model"])
     if hasattr(optimizer, "load_sharded_state_dict"):
