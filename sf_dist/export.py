@@ -31,6 +31,7 @@ _FP32_12 = "single_partition_of_fp32_groups"
 _FP32_3 = "fp32_flat_groups"
 _GROUP_PADDINGS = "group_paddings"
 _PARAM_PADDINGS = "param_alignment_paddings"
+_PARTITION_COUNT = "partition_count"
 
 
 def export(checkpoint_dir: str, out: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -50,7 +51,15 @@ def eval_state_dict_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = No
         raise FileNotFoundError(f"no *_optim_states.pt in {tag_dir}: this is not a ZeRO-1/2/3 checkpoint. At "
                                 "ZeRO-0 the model states file holds the plain model: load it into the engine and "
                                 "use sf_dist.save_eval_weights(engine, optimizer, path)")
+    if any("_mp_rank_00_" not in os.path.basename(f) for f in optim_files):
+        raise ValueError(f"{tag_dir} holds tensor- or pipeline-parallel shards (mp_rank > 0): only data-parallel "
+                         "ZeRO checkpoints can be exported, as with DeepSpeed's zero_to_fp32")
     optim = [torch.load(f, map_location="cpu", weights_only=False)[_OPTIM] for f in optim_files]
+    count = optim[0].get(_PARTITION_COUNT)
+    count = max(count) if isinstance(count, (list, tuple)) else count
+    if count is not None and count != len(optim):
+        raise ValueError(f"{tag_dir} has {len(optim)} *_optim_states.pt files but was saved by {count} ranks: "
+                         "a checkpoint overwritten in part, or one rank's save missing")
     model_files = _sorted_glob(tag_dir, "*_model_states.pt")
     model = torch.load(model_files[0], map_location="cpu", weights_only=False)
     stage3 = _FP32_3 in optim[0]

@@ -375,10 +375,17 @@ def test_offline_export_equals_live_eval_weights(fp32_runs, stage, tmp_path):
     _close(load_file(str(out)), rec["api_x"], rtol=0, atol=0)  # sf_dist.eval_state_dict of the live engine
 
 
-def test_export_of_a_zero0_checkpoint_says_what_to_do(fp32_runs, tmp_path):
+def test_export_refuses_what_it_cannot_rebuild(fp32_runs, tmp_path):
+    import shutil
+
     _, root = fp32_runs
     with pytest.raises(FileNotFoundError, match="save_eval_weights"):
         export_main([str(root / "stage0"), str(tmp_path / "x.safetensors")])
+    partial = tmp_path / "partial"
+    shutil.copytree(root / "stage2" / "train8", partial)
+    (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(ValueError, match="1 \\*_optim_states.pt files but was saved by 2 ranks"):
+        export_main([str(partial), str(tmp_path / "x.safetensors")])
 
 
 def test_sgd_and_radam_from_config_any_case(fp32_runs):
