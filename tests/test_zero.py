@@ -254,6 +254,17 @@ def _exports_errors_bf16(rank, world, tmp):
     with pytest.raises(RuntimeError, match=r"parameter of shape \(7, 5\) no longer lives"):
         pair.opt.step()
 
+    # a frozen param shares the bucket: the hooks still launch it during backward, it never moves
+    frozen = Net()
+    frozen.l1.weight.requires_grad_(False)
+    before = frozen.l1.weight.detach().clone()
+    opt = ZeroScheduleFree(frozen.parameters())
+    opt.train()
+    _backward(frozen, 0, rank, world)
+    assert len(opt._all_buckets()) == 1 and opt._all_buckets()[0]._local is None, "not launched in backward"
+    opt.step()
+    assert torch.equal(frozen.l1.weight, before)
+
     wrong = nn.Linear(5, 7 if rank == 0 else 6).double()
     with pytest.raises(ValueError, match=r"param 0 of group 0 is \(6, 5\) torch.float64 on rank 1"):
         ZeroScheduleFree(wrong.parameters())

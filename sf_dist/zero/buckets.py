@@ -79,7 +79,8 @@ class Bucket:
         self.had_grad = [False] * len(params)
         self._local: Optional[Tensor] = None  # this backward's local grads, padded flat
         self._fresh = [False] * len(params)  # which params of _local this backward has written
-        self._pending = len(params)
+        self._expected = sum(p.requires_grad for p in params)  # hook reports that complete a backward
+        self._pending = self._expected
         self._inflight: list[tuple[Optional[dist.Work], Tensor, Tensor]] = []
 
     # ---- gradients ---------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Bucket:
         """Start the async reduction of this backward's local grads (no-op if there are none)."""
         if self._local is None:
             return
-        local, self._local, self._pending = self._local, None, len(self.params)
+        local, self._local, self._pending = self._local, None, self._expected
         for i, fresh in enumerate(self._fresh):
             if not fresh:  # no gradient this backward: contribute zeros
                 local[self.offsets[i]:self.offsets[i + 1]].zero_()
@@ -144,7 +145,7 @@ class Bucket:
     def zero_grad(self) -> None:
         """Drop reduced and pending gradients (waiting out any reduction still in flight)."""
         self.reap(block=True)
-        self.grad, self._local, self._pending = None, None, len(self.params)
+        self.grad, self._local, self._pending = None, None, self._expected
         self.had_grad = [False] * len(self.params)
         for _, piece in self.pieces:
             piece.grad = None
