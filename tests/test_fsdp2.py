@@ -202,6 +202,31 @@ def check_forward_at_x_then_y(rank, world_size):
             torch.testing.assert_close(model(probe), at_y, rtol=RTOL, atol=ATOL)
 
 
+def check_hsdp(rank, world_size, outdir):
+    """HSDP, a 2-D (replicate, shard) mesh: placements (Replicate(), Shard(0)) take the generic
+    full_tensor() gather; train mode, eval mode and the exports still match the reference."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    y_ref, x_ref = reference("adamw")
+    model = make_model()
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), **OPTS["adamw"][2])
+    run(model, opt, batches(), rank, world_size)
+    assert_close(full(model.state_dict()), y_ref, "hsdp train mode")
+    got = eval_state_dict(model, opt)
+    if rank == 0:
+        assert_close(got, x_ref, "hsdp eval_state_dict")
+    path = os.path.join(outdir, "hsdp.safetensors")
+    save_eval_weights(model, opt, path)
+    if rank == 0:
+        assert_close(load_file(path), x_ref, "hsdp save_eval_weights")
+    assert_close(full(model.state_dict()), y_ref, "hsdp y after exports")
+
+
 def fsdp2_worker(rank, world_size, outdir, extras):
     for kind in OPTS:
         clip = CLIP if kind == "adamw" else None
@@ -219,6 +244,7 @@ def fsdp2_worker(rank, world_size, outdir, extras):
             check_modes_must_agree(rank, model, opt)
     if world_size == 4:
         assert model[4].weight.to_local().shape[0] == (0 if rank == 3 else 1)  # an empty shard was stepped
+        check_hsdp(rank, world_size, outdir)
     if extras:
         check_mixed_precision(rank, world_size)
         check_forward_at_x_then_y(rank, world_size)
