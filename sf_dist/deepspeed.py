@@ -200,6 +200,17 @@ class _EngineScheduleFree:
         """Put x in the masters and the model's weights (no-op when already in eval mode)."""
         self._sf_swap(to_train=False)
 
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's step, refused in eval mode before DeepSpeed narrows param_groups for it.
+
+        (ZeRO-1/2 restores param_groups only when the inner step returns, so an error raised
+        there would leave the optimizer holding one group.)
+        """
+        if not self.train_mode:
+            raise RuntimeError("step() called in eval mode: the model holds x, not y. Call optimizer.train() "
+                               "before training steps (and optimizer.eval() before evaluating or saving).")
+        return super().step(*args, **kwargs)
+
     def _sf_swap(self, to_train: bool) -> None:
         if all(g["train_mode"] == to_train for g in self.optimizer.param_groups):
             return

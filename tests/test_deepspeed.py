@@ -232,6 +232,17 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
 
+    engine, opt = _engine(_config(2))  # a step in eval mode is refused and changes nothing
+    opt.train()
+    _train(engine, rank, range(1))
+    opt.eval()
+    x, y = _batch(1)
+    engine.backward(F.mse_loss(engine(x[rank * MICRO:(rank + 1) * MICRO]), y[rank * MICRO:(rank + 1) * MICRO]))
+    try:
+        engine.step()
+    except RuntimeError as err:
+        results["eval_step"] = {"error": str(err), "groups": len(opt.param_groups), "counters": _counters(opt)}
+
     builtin = _config(1)
     builtin["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
     engine, opt = _engine(builtin)
@@ -428,6 +439,12 @@ def test_client_optimizer_instance_with_a_frozen_param(fp32_runs, stage):
     _close(rec["x"], ref["x"])
     torch.testing.assert_close(rec["x"]["fc2.bias"], Net().fc2.bias.detach(), rtol=0, atol=0)
     _close(eval_state_dict_from_checkpoint(str(root / f"frozen{stage}")), rec["x"], rtol=1e-6, atol=1e-7)
+
+
+def test_step_in_eval_mode_is_refused_and_changes_nothing(fp32_runs):
+    rec = fp32_runs[0][0]["eval_step"]
+    assert "optimizer.train()" in rec["error"]
+    assert rec["groups"] == 2 and [c[0] for c in rec["counters"]] == [1, 1]
 
 
 def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
