@@ -84,7 +84,8 @@ def _is_fsdp1(model: nn.Module) -> bool:
 
 
 def _is_sharded(model: nn.Module) -> bool:
-    """FSDP1 or FSDP2: state_dict() is a collective there, so a mode check costs nothing extra."""
+    """FSDP1 or FSDP2, whose state dicts are taken on every rank (DCP, gathers): a mode check there
+    cannot hang a rank-0-only ``torch.save(model.state_dict())`` as it could on DDP."""
     return _is_fsdp1(model) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
