@@ -12,7 +12,6 @@ import pickle
 import shutil
 from typing import Any
 
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .weights import _dist_up, _is_deepspeed, _own_state_dict_calls, _rank, agreed_train_mode
+from .weights import _is_deepspeed, _own_state_dict_calls, agreed_train_mode, rank0_io
 
 __all__ = ["save", "load"]
 
@@ -39,15 +38,14 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
     path = _checked_path(path, model)
     agreed_train_mode(optimizer)
     tmp = path + ".tmp"
-    if _rank() == 0:
+
+    def fresh_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
         os.makedirs(tmp)
-    _barrier()
-    dcp.save(_state(model, optimizer, extra), checkpoint_id=tmp)
-    _barrier()
-    if _rank() == 0:
-        _publish(tmp, path)
-    _barrier()
+
+    rank0_io(fresh_tmp, f"create {tmp}")
+    dcp.save(_state(model, optimizer, extra), checkpoint_id=tmp)  # rank 0 writes .metadata last
+    rank0_io(lambda: _publish(tmp, path), f"move {tmp} to {path}")  # its all-reduce is the barrier
 
 
 def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
@@ -139,8 +137,3 @@ def _check_model_keys(path: str, metadata: Any, model_sd: dict[str, Any]) -> Non
     if missing or unexpected or reshaped:
         raise RuntimeError(f"checkpoint {path!r} was saved from a different model: missing {missing}, "
                            f"unexpected {unexpected}, shape differs {reshaped}")
-
-
-def _barrier() -> None:
-    if _dist_up():
-        dist.barrier()

@@ -26,7 +26,7 @@ except ImportError:  # torch builds without distributed
     DTensor = ()  # type: ignore[assignment,misc]
 
 __all__ = ["eval_weights", "eval_state_dict", "save_eval_weights", "register_eval_state_dict_hook",
-           "agreed_train_mode"]
+           "agreed_train_mode", "rank0_io"]
 
 # Set while sf_dist itself reads a state dict (checkpoints store y): the eval hook stands aside.
 _HOOKS_SUSPENDED = [False]
@@ -68,6 +68,25 @@ def agreed_train_mode(optimizer: Any) -> bool:
             "before exporting or checkpointing"
         )
     return mode
+
+
+def rank0_io(action: Callable[[], Any], what: str) -> Any:
+    """Run a file-system ``action`` on rank 0 and tell every rank whether it worked, so that a
+    bad path raises everywhere instead of leaving the other ranks waiting in a collective."""
+    result, error = None, None
+    if _rank() == 0:
+        try:
+            result = action()
+        except OSError as e:
+            error = e
+    if _dist_up():
+        failed = torch.tensor([float(error is not None)], device=_comm_device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise RuntimeError(f"rank 0 could not {what}; see rank 0's error")
+    if error is not None:
+        raise error
+    return result
 
 
 def _is_deepspeed(model: Any) -> bool:
@@ -335,8 +354,8 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
         return
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, to_x):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
-        writer = _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]) \
-            if _rank() == 0 else None
+        writer = rank0_io(lambda: _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
+                          f"open {path} for writing")
         try:
             for name, value in entries:
                 whole = _gather(to_x(value))

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sf_dist import AdamWScheduleFree, SGDScheduleFree
+from sf_dist import AdamWScheduleFree, SGDScheduleFree, checkpoint
 from sf_dist.weights import eval_state_dict, eval_weights, register_eval_state_dict_hook, save_eval_weights
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -168,6 +168,11 @@ def replicated_worker(rank, world_size, outdir):
         else:
             assert full == {}
         results[name] = x
+    # a bad path on rank 0 raises on every rank instead of leaving the others in a collective
+    with pytest.raises((FileNotFoundError, RuntimeError), match="missing|rank 0 could not open"):
+        save_eval_weights(model, opt, f"{outdir}/missing/x.safetensors")
+    with pytest.raises((OSError, RuntimeError), match="Not a directory|rank 0 could not create"):
+        checkpoint.save(f"{outdir}/{name}.safetensors/ckpt", model, opt)
     return results
 
 
