@@ -91,17 +91,19 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
 
 
 class _ConstructionStep:
-    """While DeepSpeed builds the engine, the held optimizers' step() only creates their state.
+    """While DeepSpeed builds the engine, the held optimizers' step() does nothing.
 
-    DeepSpeed's fp16/bf16 wrappers at ZeRO-0 run a zero-gradient step() at construction; for
-    Schedule-Free it would raise (eval mode) or advance k and weight_sum and apply weight decay.
+    DeepSpeed's fp16/bf16 wrappers at ZeRO-0 run a zero-gradient step() at construction to create
+    state; for Schedule-Free it would raise (eval mode) or advance k and weight_sum and apply
+    weight decay. State is created at the first real step instead, from the weights of that
+    moment (which a weights-only checkpoint load may have replaced).
     """
 
     def __init__(self) -> None:
         self.held: list[ScheduleFreeOptimizer] = []
 
     def __call__(self, opt: ScheduleFreeOptimizer) -> ScheduleFreeOptimizer:
-        opt.step = lambda closure=None: opt.init_state()
+        opt.step = lambda closure=None: None
         self.held.append(opt)
         return opt
 
@@ -217,15 +219,24 @@ class _EngineScheduleFree:
         self.optimizer.train() if to_train else self.optimizer.eval()
         self._sf_refresh()
 
-    def _sf_init_state(self) -> None:
-        self.optimizer.init_state()
-
 
 class _ZeRO12(_EngineScheduleFree):
     """ZeRO-1/2 (DeepSpeedZeroOptimizer) and the BF16 optimizer: one flat fp32 partition per group."""
 
     def _sf_refresh(self) -> None:
         self.update_lp_params()
+
+    def _lazy_init_hp_params_optimizer_state(self) -> None:
+        """Link DeepSpeed's per-param views of z and the moments once EVERY group has them.
+
+        ZeRO-1/2 links after the first group's step only, before the other groups have state;
+        those views serve safe_get_full_optimizer_state and universal checkpoints.
+        """
+        if not getattr(self, "_sf_all_linked", False):
+            self._hp_optimizer_states_linked = False
+        super()._lazy_init_hp_params_optimizer_state()
+        self._sf_all_linked = all("z" in self.optimizer.state.get(p, {})
+                                  for group in self.optimizer.param_groups for p in group["params"])
 
 
 class _Unfused(_EngineScheduleFree):
@@ -254,10 +265,6 @@ class _ZeRO3(_EngineScheduleFree):
             self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
         if self.persistent_parameters:
             self.persistent_parameters[0].all_gather(self.persistent_parameters)
-
-    def _sf_init_state(self) -> None:
-        with self._sf_masters_visible():
-            self.optimizer.init_state()
 
     @contextlib.contextmanager
     def _sf_masters_visible(self) -> Iterator[None]:
@@ -297,10 +304,7 @@ def attach(engine_optimizer: Any) -> Any:
     """Give DeepSpeed's optimizer wrapper Schedule-Free ``train()``/``eval()``/``train_mode``, in place.
 
     Returns the same object (its class swapped for a subclass that adds the three); our own
-    optimizer (ZeRO-0 in fp32) is returned unchanged. z and the moments are created now, not at
-    the first step: DeepSpeed links its per-param views of the optimizer state (used by
-    safe_get_full_optimizer_state and universal checkpoints) after the FIRST group's step, and
-    would miss the state of every other group.
+    optimizer (ZeRO-0 in fp32) is returned unchanged.
     """
     if isinstance(engine_optimizer, (ScheduleFreeOptimizer, _EngineScheduleFree)):
         return engine_optimizer
@@ -321,7 +325,6 @@ def attach(engine_optimizer: Any) -> Any:
     if cls not in _MIXED:
         _MIXED[cls] = type(f"ScheduleFree{cls.__name__}", (mixin, cls), {})
     engine_optimizer.__class__ = _MIXED[cls]
-    engine_optimizer._sf_init_state()
     return engine_optimizer
 
 

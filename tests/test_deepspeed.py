@@ -76,8 +76,10 @@ def _config(stage: int, opt: str = "AdamWScheduleFree", bf16: bool = False, **ex
 
 # ---- the reference, single process, float64, full batch ---------------------------------------
 
-def _reference(opt_name: str, steps: int, frozen: tuple[str, ...] = ()) -> dict[str, object]:
+def _reference(opt_name: str, steps: int, frozen: tuple[str, ...] = (), start: dict | None = None) -> dict[str, object]:
     model = Net().double()
+    if start is not None:
+        model.load_state_dict({k: v.double() for k, v in start.items()})
     for name in frozen:
         model.get_parameter(name).requires_grad_(False)
     params = {k: tuple(v) if k == "betas" else v for k, v in PARAMS[opt_name].items()}
@@ -146,6 +148,8 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         rec["x4"] = sfds.engine_state_dict(engine)
         rec["counters4"] = _counters(opt)
         engine.save_checkpoint(ckpt, tag="eval4")
+        # ZeRO-3's weights-only load ignores the tag and reads 'latest' (DeepSpeed 0.19.8): a directory of its own
+        engine.save_checkpoint(ckpt + "-x4", tag="eval4")
         opt.train()
         _train(engine, rank, range(SAVE_AT, STEPS))
         rec["y"] = sfds.engine_state_dict(engine)
@@ -176,6 +180,13 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         opt.train()
         _train(engine, rank, range(SAVE_AT, STEPS))
         rec["resumed_y"] = sfds.engine_state_dict(engine)
+
+        # Weights-only warm start from x: a fresh optimizer whose z starts at the loaded weights.
+        engine, opt = _engine(_config(stage))
+        engine.load_checkpoint(ckpt + "-x4", tag="eval4", load_optimizer_states=False, load_lr_scheduler_states=False)
+        opt.train()
+        _train(engine, rank, range(2))
+        rec["warm_y"], rec["warm_counters"] = sfds.engine_state_dict(engine), _counters(opt)
 
     # The other two optimizers, named in other cases; a built-in optimizer; a scheduler allowed.
     for stage, name, spelled in ((2, "SGDScheduleFree", "sgdschedulefree"), (3, "RAdamScheduleFree", "RADAMSCHEDULEFREE")):
@@ -371,6 +382,15 @@ def test_checkpoint_resumes_on_the_same_trajectory(fp32_runs, stage):
     for rank in ranks:
         torch.testing.assert_close(rank[stage]["resumed_out4"].double(), ref4["out"], rtol=RTOL, atol=ATOL)
     _close(rec["resumed_y"], rec["y"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_weights_only_load_starts_a_fresh_schedule_at_the_loaded_weights(fp32_runs, stage):
+    ranks, _ = fp32_runs
+    rec = ranks[0][stage]
+    ref = _reference("AdamWScheduleFree", 2, start=_reference("AdamWScheduleFree", SAVE_AT)["x"])
+    assert [c[0] for c in rec["warm_counters"]] == [2, 2]
+    _close(rec["warm_y"], ref["y"])
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
