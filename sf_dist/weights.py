@@ -348,29 +348,32 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
     if _is_deepspeed(model):
         from safetensors.torch import save_file
         tensors = eval_state_dict(model, optimizer, full=True, cpu_offload=True)
-        if _rank() == 0:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-        _barrier()
+        rank0_io(lambda: save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+                                   metadata={"format": "pt"}), f"write {path}")
         return
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, to_x):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
         writer = rank0_io(lambda: _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
                           f"open {path} for writing")
+        failed: list[OSError] = []
         try:
             for name, value in entries:
                 whole = _gather(to_x(value))
-                if writer is not None:
-                    writer.write(name, whole)
+                if writer is not None and not failed:
+                    try:
+                        writer.write(name, whole)
+                    except OSError as e:  # keep receiving: the other ranks are still sending
+                        failed.append(e)
                 del whole
         finally:
             if writer is not None:
                 writer.close()
-    _barrier()
 
+    def report() -> None:
+        if failed:
+            raise failed[0]
 
-def _barrier() -> None:
-    if _dist_up():
-        dist.barrier()
+    rank0_io(report, f"write {path}")  # every rank learns of a failed write; also the barrier
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
