@@ -135,60 +135,70 @@ def _engine(config: dict, **kwargs):
 
 
 def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
-    """Per stage: 8 steps with an eval-mode save at 4 and a train-mode save at 8, then resume from 4."""
+    """Every fp32 case in one spawn (each spawn costs seconds); the tests below read its results."""
+    results = {stage: _stage_run(rank, stage, ckpt_root) for stage in (0, 1, 2, 3)}
+    for case in (_other_optimizers, _offload, _accumulation, _instance_with_frozen, _eval_step, _pass_through):
+        results.update(case(rank, ckpt_root))
+    return results
+
+
+def _stage_run(rank: int, stage: int, ckpt_root: str) -> dict:
+    """8 steps with an eval-mode save at 4 and a train-mode save at 8; resume from 4; warm start from x."""
+    ckpt = os.path.join(ckpt_root, f"stage{stage}")
+    rec = {}
+    engine, opt = _engine(_config(stage))
+    rec["wrapper"] = type(opt).__name__
+    opt.train()
+    _train(engine, rank, range(SAVE_AT))
+    opt.eval()
+    rec["x4"] = sfds.engine_state_dict(engine)
+    rec["counters4"] = _counters(opt)
+    engine.save_checkpoint(ckpt, tag="eval4")
+    # ZeRO-3's weights-only load ignores the tag and reads 'latest' (DeepSpeed 0.19.8): a directory of its own
+    engine.save_checkpoint(ckpt + "-x4", tag="eval4")
+    opt.train()
+    _train(engine, rank, range(SAVE_AT, STEPS))
+    rec["y"] = sfds.engine_state_dict(engine)
+    engine.save_checkpoint(ckpt, tag="train8")
+    # The shared eval API, called in train mode on the engine: x out, y back in the model.
+    rec["api_x"] = sf_dist.eval_state_dict(engine, opt)
+    sf_dist.save_eval_weights(engine, opt, os.path.join(ckpt_root, f"x{stage}.safetensors"))
+    with torch.no_grad(), sf_dist.eval_weights(engine, opt):
+        rec["api_out"] = engine(X_TEST)
+    rec["api_mode_after"] = opt.train_mode
+    rec["api_y_after"] = sfds.engine_state_dict(engine)
+    opt.eval()
+    rec["x"] = sfds.engine_state_dict(engine)
+    rec["mode_after_eval"] = opt.train_mode
+    with torch.no_grad():
+        rec["out"] = engine(X_TEST)
+    rec["counters"] = _counters(opt)
+    opt.train()
+    rec["y_round_trip"] = sfds.engine_state_dict(engine)
+
+    engine, opt = _engine(_config(stage))
+    engine.load_checkpoint(ckpt, tag="eval4")
+    rec["resumed_mode"] = opt.train_mode
+    rec["resumed_counters"] = _counters(opt)
+    rec["resumed_x4"] = sfds.engine_state_dict(engine)
+    with torch.no_grad():
+        rec["resumed_out4"] = engine(X_TEST)
+    opt.train()
+    _train(engine, rank, range(SAVE_AT, STEPS))
+    rec["resumed_y"] = sfds.engine_state_dict(engine)
+
+    # Weights-only warm start from x: a fresh optimizer whose z starts at the loaded weights.
+    engine, opt = _engine(_config(stage))
+    engine.load_checkpoint(ckpt + "-x4", tag="eval4", load_optimizer_states=False, load_lr_scheduler_states=False)
+    opt.train()
+    _train(engine, rank, range(2))
+    rec["warm_y"], rec["warm_counters"] = sfds.engine_state_dict(engine), _counters(opt)
+    return rec
+
+
+def _other_optimizers(rank: int, ckpt_root: str) -> dict:
+    """SGD and RAdam, their type names spelled in other cases."""
     results = {}
-    for stage in (0, 1, 2, 3):
-        ckpt = os.path.join(ckpt_root, f"stage{stage}")
-        rec = results[stage] = {}
-        engine, opt = _engine(_config(stage))
-        rec["wrapper"] = type(opt).__name__
-        opt.train()
-        _train(engine, rank, range(SAVE_AT))
-        opt.eval()
-        rec["x4"] = sfds.engine_state_dict(engine)
-        rec["counters4"] = _counters(opt)
-        engine.save_checkpoint(ckpt, tag="eval4")
-        # ZeRO-3's weights-only load ignores the tag and reads 'latest' (DeepSpeed 0.19.8): a directory of its own
-        engine.save_checkpoint(ckpt + "-x4", tag="eval4")
-        opt.train()
-        _train(engine, rank, range(SAVE_AT, STEPS))
-        rec["y"] = sfds.engine_state_dict(engine)
-        engine.save_checkpoint(ckpt, tag="train8")
-        # The shared eval API, called in train mode on the engine: x out, y back in the model.
-        rec["api_x"] = sf_dist.eval_state_dict(engine, opt)
-        sf_dist.save_eval_weights(engine, opt, os.path.join(ckpt_root, f"x{stage}.safetensors"))
-        with torch.no_grad(), sf_dist.eval_weights(engine, opt):
-            rec["api_out"] = engine(X_TEST)
-        rec["api_mode_after"] = opt.train_mode
-        rec["api_y_after"] = sfds.engine_state_dict(engine)
-        opt.eval()
-        rec["x"] = sfds.engine_state_dict(engine)
-        rec["mode_after_eval"] = opt.train_mode
-        with torch.no_grad():
-            rec["out"] = engine(X_TEST)
-        rec["counters"] = _counters(opt)
-        opt.train()
-        rec["y_round_trip"] = sfds.engine_state_dict(engine)
-
-        engine, opt = _engine(_config(stage))
-        engine.load_checkpoint(ckpt, tag="eval4")
-        rec["resumed_mode"] = opt.train_mode
-        rec["resumed_counters"] = _counters(opt)
-        rec["resumed_x4"] = sfds.engine_state_dict(engine)
-        with torch.no_grad():
-            rec["resumed_out4"] = engine(X_TEST)
-        opt.train()
-        _train(engine, rank, range(SAVE_AT, STEPS))
-        rec["resumed_y"] = sfds.engine_state_dict(engine)
-
-        # Weights-only warm start from x: a fresh optimizer whose z starts at the loaded weights.
-        engine, opt = _engine(_config(stage))
-        engine.load_checkpoint(ckpt + "-x4", tag="eval4", load_optimizer_states=False, load_lr_scheduler_states=False)
-        opt.train()
-        _train(engine, rank, range(2))
-        rec["warm_y"], rec["warm_counters"] = sfds.engine_state_dict(engine), _counters(opt)
-
-    # The other two optimizers, named in other cases; a built-in optimizer; a scheduler allowed.
     for stage, name, spelled in ((2, "SGDScheduleFree", "sgdschedulefree"), (3, "RAdamScheduleFree", "RADAMSCHEDULEFREE")):
         cfg = _config(stage)
         cfg["optimizer"] = {"type": spelled, "params": PARAMS[name]}
@@ -198,8 +208,13 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         rec = results[name] = {"y": sfds.engine_state_dict(engine), "base": type(_base(opt)).__name__}
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
+    return results
 
-    for stage in (2, 3):  # fp32 masters and z offloaded to CPU memory (ZeRO-Offload)
+
+def _offload(rank: int, ckpt_root: str) -> dict:
+    """fp32 masters and z offloaded to CPU memory (ZeRO-Offload)."""
+    results = {}
+    for stage in (2, 3):
         cfg = _config(stage)
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         engine, opt = _engine(cfg)
@@ -210,7 +225,12 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         rec["x"] = sfds.engine_state_dict(engine)
         with torch.no_grad():
             rec["out"] = engine(X_TEST)
+    return results
 
+
+def _accumulation(rank: int, ckpt_root: str) -> dict:
+    """Gradient accumulation over 2 micro-batches, at ZeRO-2 and at ZeRO-3 with param offload."""
+    results = {}
     for case, stage, zero in (("accumulate2", 2, {}), ("accumulate3-param-offload", 3, {"offload_param": {"device": "cpu"}})):
         cfg = _config(stage, train_micro_batch_size_per_gpu=MICRO // 2, gradient_accumulation_steps=2)
         cfg["zero_optimization"].update(zero)
@@ -227,8 +247,13 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         rec["x"] = sfds.engine_state_dict(engine)
         with torch.no_grad():
             rec["out"] = engine(X_TEST)
+    return results
 
-    for stage in (2, 3):  # optimizer= an instance we built, and a frozen param
+
+def _instance_with_frozen(rank: int, ckpt_root: str) -> dict:
+    """optimizer= an instance we built, and a frozen param."""
+    results = {}
+    for stage in (2, 3):
         model = Net()
         model.fc2.bias.requires_grad_(False)
         params = {k: tuple(v) if k == "betas" else v for k, v in PARAMS["AdamWScheduleFree"].items()}
@@ -242,8 +267,12 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
         engine.save_checkpoint(os.path.join(ckpt_root, f"frozen{stage}"))
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
+    return results
 
-    engine, opt = _engine(_config(2))  # a step in eval mode is refused and changes nothing
+
+def _eval_step(rank: int, ckpt_root: str) -> dict:
+    """A step in eval mode is refused and changes nothing."""
+    engine, opt = _engine(_config(2))
     opt.train()
     _train(engine, rank, range(1))
     opt.eval()
@@ -252,8 +281,13 @@ def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
     try:
         engine.step()
     except RuntimeError as err:
-        results["eval_step"] = {"error": str(err), "groups": len(opt.param_groups), "counters": _counters(opt)}
+        return {"eval_step": {"error": str(err), "groups": len(opt.param_groups), "counters": _counters(opt)}}
+    return {"eval_step": {"error": None}}
 
+
+def _pass_through(rank: int, ckpt_root: str) -> dict:
+    """A built-in optimizer goes to DeepSpeed untouched; a scheduler is allowed when asked for."""
+    results = {}
     builtin = _config(1)
     builtin["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
     engine, opt = _engine(builtin)
