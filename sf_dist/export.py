@@ -18,13 +18,14 @@ import argparse
 import glob
 import math
 import os
+import pickle
 import re
 from typing import Any, Optional
 
 import torch
 
 # Keys of DeepSpeed's checkpoint files (deepspeed/checkpoint/constants.py), kept here so that
-# exporting needs torch only.
+# exporting needs torch and safetensors only, not DeepSpeed.
 _OPTIM = "optimizer_state_dict"
 _BASE_STATE = "base_optimizer_state"
 _FP32_12 = "single_partition_of_fp32_groups"
@@ -54,14 +55,14 @@ def eval_state_dict_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = No
     if any("_mp_rank_00_" not in os.path.basename(f) for f in optim_files):
         raise ValueError(f"{tag_dir} holds tensor- or pipeline-parallel shards (mp_rank > 0): only data-parallel "
                          "ZeRO checkpoints can be exported, as with DeepSpeed's zero_to_fp32")
-    optim = [torch.load(f, map_location="cpu", weights_only=False)[_OPTIM] for f in optim_files]
+    optim = [_load(f)[_OPTIM] for f in optim_files]
     count = optim[0].get(_PARTITION_COUNT)
     count = max(count) if isinstance(count, (list, tuple)) else count
     if count is not None and count != len(optim):
         raise ValueError(f"{tag_dir} has {len(optim)} *_optim_states.pt files but was saved by {count} ranks: "
                          "a checkpoint overwritten in part, or one rank's save missing")
     model_files = _sorted_glob(tag_dir, "*_model_states.pt")
-    model = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    model = _load(model_files[0])
     stage3 = _FP32_3 in optim[0]
     partitions = [_x_partitions(sd, stage3) for sd in optim]  # [rank][group] flat x
 
@@ -144,10 +145,41 @@ def _frozen(model: dict[str, Any], model_files: list[str], stage3: bool) -> dict
     shapes = model["frozen_param_shapes"]
     if not stage3:
         return {name: model["frozen_param_fragments"][name].float() for name in shapes}
-    fragments = [torch.load(f, map_location="cpu", weights_only=False)["frozen_param_fragments"]
+    fragments = [_load(f)["frozen_param_fragments"]
                  for f in model_files]
     return {name: torch.cat([fr[name].flatten() for fr in fragments])[: math.prod(shape)].view(shape).float()
             for name, shape in shapes.items()}
+
+
+class _Opaque:
+    """Stands in for DeepSpeed's own pickled objects (loss scaler, stage enum, slice mappings)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "deepspeed":  # not needed for the weights: export runs without DeepSpeed
+            return _Opaque
+        return super().find_class(module, name)
+
+
+class _PickleModule:
+    """``pickle_module`` for torch.load: the standard pickle, DeepSpeed's classes made opaque."""
+
+    Unpickler = _Unpickler
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _Unpickler(file, **kwargs).load()
+
+
+def _load(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
 
 
 def _tag_dir(checkpoint_dir: str, tag: Optional[str]) -> str:

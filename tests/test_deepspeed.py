@@ -588,6 +588,19 @@ def _guide_script() -> str:
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+# `python -m sf_dist.export ARGS` in a process where importing DeepSpeed fails.
+EXPORT_WITHOUT_DEEPSPEED = """
+import runpy, sys
+class NoDeepSpeed:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "deepspeed":
+            raise ImportError("DeepSpeed is not installed here")
+sys.meta_path.insert(0, NoDeepSpeed())
+sys.argv[0] = "sf_dist.export"
+runpy.run_module("sf_dist.export", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_guide_script_runs_under_the_launcher_and_exports_the_same_x(tmp_path):
     import socket
     import subprocess
@@ -604,7 +617,7 @@ def test_guide_script_runs_under_the_launcher_and_exports_the_same_x(tmp_path):
                           "--deepspeed_config", str(ROOT / "launch" / "ds_config.json")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    export = subprocess.run([sys.executable, "-m", "sf_dist.export", "ckpt", "offline.safetensors"],
+    export = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_DEEPSPEED, "ckpt", "offline.safetensors"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert export.returncode == 0, export.stderr[-3000:]
     live, offline = load_file(str(tmp_path / "model_x.safetensors")), load_file(str(tmp_path / "offline.safetensors"))
