@@ -33,6 +33,7 @@ _FP32_3 = "fp32_flat_groups"
 _GROUP_PADDINGS = "group_paddings"
 _PARAM_PADDINGS = "param_alignment_paddings"
 _PARTITION_COUNT = "partition_count"
+_ZERO_STAGE = "zero_stage"
 
 
 def export(checkpoint_dir: str, out: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -90,7 +91,7 @@ def _x_partitions(sd: dict[str, Any], stage3: bool) -> list[torch.Tensor]:
         if isinstance(base, list):
             raise ValueError("elastic ZeRO checkpoint: it keeps no Schedule-Free group scalars (k, betas, "
                              "train_mode). Save with zero_optimization.elastic_checkpoint=false")
-        paddings = sd.get(_GROUP_PADDINGS) if "zero_stage" not in sd else None  # BF16_Optimizer keeps padding
+        paddings = sd.get(_GROUP_PADDINGS) if _ZERO_STAGE not in sd else None  # BF16_Optimizer keeps padding
         if paddings:
             masters = [m[: m.numel() - pad] for m, pad in zip(masters, paddings)]
     ids = [i for group in base["param_groups"] for i in group["params"]]
@@ -179,7 +180,8 @@ class _PickleModule:
 
 
 def _load(path: str) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
+    """A checkpoint file, memory-mapped: the moments and anything else unused are never read."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_PickleModule)
 
 
 def _tag_dir(checkpoint_dir: str, tag: Optional[str]) -> str:
