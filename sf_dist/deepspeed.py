@@ -50,23 +50,25 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
     """
     import deepspeed
 
-    if config is None and kwargs.get("config_params") is not None:
-        config = kwargs.pop("config_params")
-    if config is None and getattr(args, "deepspeed_config", None) is not None:
-        config = args.deepspeed_config
-        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
-    config = _load_config(config)
-    entry = config.get("optimizer") or {}
+    source = config if config is not None else kwargs.get("config_params")
+    from_args = source is None and getattr(args, "deepspeed_config", None) is not None
+    loaded = _load_config(args.deepspeed_config if from_args else source)
+    entry = loaded.get("optimizer") or {}
     name = entry.get("type")
     schedule_free = isinstance(optimizer, ScheduleFreeOptimizer)
     if name is not None:
         schedule_free = _check_name(name) or schedule_free
-    if not schedule_free:
+    if not schedule_free:  # DeepSpeed gets the arguments exactly as given
         result = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                       model_parameters=model_parameters, config=config, **kwargs)
         if isinstance(getattr(result[0], "basic_optimizer", None), ScheduleFreeOptimizer):
             attach(result[1])  # a callable passed as optimizer= built one of ours
         return result
+
+    kwargs.pop("config_params", None)
+    if from_args:  # DeepSpeed refuses a config both in args and in config=
+        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
+    config = loaded
 
     if model is None:
         raise ValueError("sf_dist.deepspeed.initialize requires model=")
@@ -141,7 +143,16 @@ def _load_config(config: Any) -> dict:
     if isinstance(config, dict):
         return config
     with open(config) as f:
-        return json.load(f)
+        return json.load(f, object_pairs_hook=_no_duplicate_keys)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """JSON objects as dicts, refusing a key given twice (as DeepSpeed's own loader does)."""
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"ds_config has duplicate keys {duplicates}: keep one of each")
+    return dict(pairs)
 
 
 def _check_name(name: str) -> bool:
