@@ -164,9 +164,72 @@ def _snapshot_y(optimizer: ScheduleFreeOptimizer) -> list[tuple[Tensor, Tensor]]
 
 
 # ---- x as tensors, without touching y ----------------------------------------------------------
-def _x_maker(optimizer: Any, values: Iterable[Any]) -> Optional[Callable[[Any], Any]]:
-    """A function from a state-dict value aliasing a param (y) to a fresh x tensor, or None when
-    some param with state is not among ``values`` by storage (then x must come from eval())."""
+class _PresentX:
+    """x is what the values hold (eval mode, or inside eval_weights): hand it out as is, copying
+    the values that alias a parameter in ``live`` (they change back once y is restored)."""
+
+    def __init__(self, live: set[int]) -> None:
+        self._live = live
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, Tensor) or _is_sharded_tensor(value):  # FSDP1's shards are copies
+            return value
+        aliased = local(value).numel() > 0 and local(value).untyped_storage().data_ptr() in self._live
+        return value.detach().clone() if aliased else value
+
+    def local_x(self, value: Tensor) -> Tensor:
+        """This rank's x data of ``value``, for sending (no copy needed)."""
+        return local(value)
+
+    def into(self, value: Tensor, dest: Tensor) -> None:
+        """Write this rank's x of ``value`` into ``dest`` (same shape)."""
+        dest.copy_(local(value))
+
+
+class _DerivedX(_PresentX):
+    """x = lerp(y, z, 1-1/b1) computed per value from the param it aliases; y is never written."""
+
+    def __init__(self, by_storage: dict[tuple, tuple[Tensor, float, bool]]) -> None:
+        super().__init__(set())
+        self._by_storage = by_storage
+
+    def _find(self, value: Any) -> Optional[tuple[Tensor, float, bool]]:
+        if not isinstance(value, Tensor) or _is_sharded_tensor(value):
+            return None
+        return self._by_storage.get(_storage_key(local(value)))
+
+    def __call__(self, value: Any) -> Any:
+        found = self._find(value)
+        if found is None:
+            return value
+        x = value.detach().clone()
+        _to_x_(local(x), found)
+        return x
+
+    def local_x(self, value: Tensor) -> Tensor:
+        found = self._find(value)
+        if found is None:
+            return local(value)
+        x = local(value).clone()
+        _to_x_(x, found)
+        return x
+
+    def into(self, value: Tensor, dest: Tensor) -> None:
+        dest.copy_(local(value))
+        found = self._find(value)
+        if found is not None:
+            _to_x_(dest, found)
+
+
+def _to_x_(y: Tensor, found: tuple[Tensor, float, bool]) -> None:
+    """Turn a copy of y into x in place with optimizer.eval()'s own kernel call: the same x."""
+    z, weight, foreach = found
+    swap_([y], [z], weight, foreach=foreach)
+
+
+def _derived_x(optimizer: Any, values: Iterable[Any]) -> Optional[_DerivedX]:
+    """A _DerivedX over the optimizer's params, or None when some param with state is not among
+    ``values`` by storage (then x must come from eval())."""
     by_storage: dict[tuple, tuple[Tensor, float, bool]] = {}
     for group in optimizer.param_groups:
         weight = 1 - 1 / optimizer.interpolation(group)
@@ -175,20 +238,7 @@ def _x_maker(optimizer: Any, values: Iterable[Any]) -> Optional[Callable[[Any], 
             if "z" in state and local(p).numel() > 0:
                 by_storage[_storage_key(local(p))] = (local(state["z"]), weight, bool(group["foreach"]))
     seen = {_storage_key(local(v)) for v in values if isinstance(v, Tensor) and not _is_sharded_tensor(v)}
-    if not seen.issuperset(by_storage):
-        return None
-
-    def to_x(value: Any) -> Any:
-        found = by_storage.get(_storage_key(local(value))) if isinstance(value, Tensor) \
-            and not _is_sharded_tensor(value) else None
-        if found is None:
-            return value
-        z, weight, foreach = found
-        x = value.detach().clone()
-        swap_([local(x)], [z], weight, foreach=foreach)  # optimizer.eval()'s own call: the same x
-        return x
-
-    return to_x
+    return _DerivedX(by_storage) if seen.issuperset(by_storage) else None
 
 
 def _is_sharded_tensor(value: Any) -> bool:
@@ -207,34 +257,27 @@ def _storage_key(t: Tensor) -> tuple:
 
 @contextlib.contextmanager
 def _x_state(model: nn.Module, optimizer: Any,
-             read: Callable[[], dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Callable[[Any], Any]]]:
-    """Yield ``(read(), to_x)``: map each value through ``to_x`` to get x. y is bitwise unchanged
-    once the block exits.
+             read: Callable[[], dict[str, Any]]) -> Iterator[tuple[dict[str, Any], _PresentX]]:
+    """Yield ``(read(), x_of)``: ``x_of(value)`` is the x of a state-dict value. y is bitwise
+    unchanged once the block exits.
 
     In eval mode the values are x already. For sf_dist optimizers on plain, DDP and FSDP2
     modules, x is derived tensor by tensor and the params are never written. Otherwise (FSDP1
-    views, other optimizers) the params hold x inside the block and ``to_x`` copies the values
+    views, other optimizers) the params hold x inside the block and ``x_of`` copies the values
     that alias them.
     """
     if not optimizer.train_mode:  # the params hold x already
-        yield read(), lambda value: value
+        yield read(), _PresentX(set())
         return
     if isinstance(optimizer, ScheduleFreeOptimizer) and not _is_fsdp1(model):
         sd = read()
-        to_x = _x_maker(optimizer, sd.values())
-        if to_x is not None:
-            yield sd, to_x
+        derived = _derived_x(optimizer, sd.values())
+        if derived is not None:
+            yield sd, derived
             return
     live = {local(p).untyped_storage().data_ptr() for p in model.parameters() if local(p).numel() > 0}
-
-    def copy_if_alias(value: Any) -> Any:
-        if not isinstance(value, Tensor) or _is_sharded_tensor(value):  # FSDP1's shards are copies
-            return value
-        aliased = local(value).numel() > 0 and local(value).untyped_storage().data_ptr() in live
-        return value.detach().clone() if aliased else value
-
     with eval_weights(model, optimizer):
-        yield read(), copy_if_alias
+        yield read(), _PresentX(live)
 
 
 @contextlib.contextmanager
@@ -254,11 +297,12 @@ def _sharded_state_dict(model: nn.Module) -> dict[str, Any]:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
 
 
-def _gather(value: Any) -> Optional[Tensor]:
-    """The full tensor on rank 0 (None on the others); a collective for sharded values."""
+def _gather_x(value: Any, x_of: _PresentX) -> Optional[Tensor]:
+    """The full x of ``value`` on rank 0 (None on the others); a collective for sharded values."""
+    if isinstance(value, DTensor) and _is_row_sharded(value):
+        return _rows_to_rank0(value, x_of)
+    value = x_of(value)
     if isinstance(value, DTensor):
-        if _is_row_sharded(value):
-            return _rows_to_rank0(value)
         full = value.full_tensor()
         return full if _rank() == 0 else None
     if _is_sharded_tensor(value):
@@ -276,15 +320,16 @@ def _is_row_sharded(value: DTensor) -> bool:
         and 0 in mesh.mesh.tolist()
 
 
-def _rows_to_rank0(value: DTensor) -> Optional[Tensor]:
-    """Send each rank's rows straight into rank 0's output: no rank but 0 holds the whole tensor,
-    and rank 0 holds it once (full_tensor would all-gather it onto every rank)."""
+def _rows_to_rank0(value: DTensor, x_of: _PresentX) -> Optional[Tensor]:
+    """Send each rank's rows of x straight into rank 0's output, where rank 0 derives its own
+    rows in place: only rank 0 ever holds the whole tensor, once (full_tensor() would
+    all-gather it onto every rank)."""
     group, shard = value.device_mesh.get_group(), value.to_local()
     members = value.device_mesh.mesh.tolist()
     rows, chunk = value.shape[0], -(-value.shape[0] // len(members))
     if _rank() != 0:
         if shard.numel() > 0:
-            dist.send(shard.contiguous(), dst=0, group=group)
+            dist.send(x_of.local_x(value).contiguous(), dst=0, group=group)
         return None
     out = torch.empty(value.shape, dtype=value.dtype, device=shard.device)
     for i, member in enumerate(members):
@@ -292,7 +337,7 @@ def _rows_to_rank0(value: DTensor) -> Optional[Tensor]:
         if hi == lo or out[lo:hi].numel() == 0:
             continue
         if member == 0:
-            out[lo:hi].copy_(shard)
+            x_of.into(value, out[lo:hi])
         else:
             dist.recv(out[lo:hi], src=member, group=group)
     return out
@@ -318,14 +363,14 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
         with eval_weights(model, optimizer):
             return engine_state_dict(model, full, cpu_offload)
     out: dict[str, Any] = {}
-    with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, to_x):
+    with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         for name, value in sd.items():
             if not full:
-                out[name] = to_x(value)
+                out[name] = x_of(value)
                 continue
             if not _is_tensor(value):
                 continue  # extra_state objects: not weights
-            whole = _gather(to_x(value))
+            whole = _gather_x(value, x_of)
             if whole is None:
                 continue
             if cpu_offload:
@@ -351,14 +396,14 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
         rank0_io(lambda: save_file({k: v.contiguous() for k, v in tensors.items()}, path,
                                    metadata={"format": "pt"}), f"write {path}")
         return
-    with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, to_x):
+    with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
         writer = rank0_io(lambda: _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
                           f"open {path} for writing")
         failed: list[OSError] = []
         try:
             for name, value in entries:
-                whole = _gather(to_x(value))
+                whole = _gather_x(value, x_of)
                 if writer is not None and not failed:
                     try:
                         writer.write(name, whole)
@@ -451,9 +496,9 @@ def register_eval_state_dict_hook(model: nn.Module, optimizer: Any) -> EvalState
             return plain_state_dict(*args, **kwargs)
         if sharded:
             agreed_train_mode(optimizer)
-        with _x_state(model, optimizer, lambda: plain_state_dict(*args, **kwargs)) as (sd, to_x):
+        with _x_state(model, optimizer, lambda: plain_state_dict(*args, **kwargs)) as (sd, x_of):
             for key, value in sd.items():
-                sd[key] = to_x(value)
+                sd[key] = x_of(value)
         return sd
 
     model.__dict__["state_dict"] = state_dict

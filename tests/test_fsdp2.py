@@ -125,6 +125,16 @@ def check_exports(rank, model, opt, x_ref, outdir):
     target = {"model": get_model_state_dict(fresh)}
     dcp.load(target, checkpoint_id=os.path.join(outdir, "dcp_x"))
     assert_close(full(target["model"]), x_ref, "DCP save of the hooked model")
+
+    opt.eval()  # the exported file holds exactly the x that eval() puts in the params
+    x_eval = full(model.state_dict())
+    if rank == 0:
+        exported = load_file(path)
+        assert all(torch.equal(exported[k], x_eval[k]) for k in x_eval)
+    opt.train()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), y):
+            p.to_local().copy_(saved)
     assert torch.equal(model.state_dict()["0.weight"].to_local(), y[0])
 
 
