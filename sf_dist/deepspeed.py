@@ -196,7 +196,12 @@ def _prepare_config(config: dict) -> dict:
 # ---- train()/eval() on the engine's optimizer ------------------------------------------------
 
 class _EngineScheduleFree:
-    """Mixed into the engine's optimizer class: swap the fp32 masters, then refresh the model."""
+    """Mixed into the engine's optimizer class: swap the fp32 masters, then refresh the model.
+
+    eval() keeps a CPU copy of the masters' y and train() puts it back, so an eval()/train() pair
+    leaves training bitwise where it was (re-deriving y from x and z would be off by rounding).
+    A load_state_dict() or refresh_fp32_params() in between drops the copy: y is re-derived then.
+    """
 
     @property
     def train_mode(self) -> bool:
@@ -205,13 +210,26 @@ class _EngineScheduleFree:
 
     @torch.no_grad()
     def train(self) -> None:
-        """Put y in the masters and the model's weights (no-op when already training)."""
-        self._sf_swap(to_train=True)
+        """Put y back in the masters and the model's weights (no-op when already training)."""
+        if self.train_mode:
+            return
+        saved = self.__dict__.pop("_sf_y", None)
+        self._sf_base_swap(to_train=True)
+        if saved is not None:
+            for master, y in zip(self._sf_masters(), saved):
+                master.copy_(y)
+        self._sf_refresh()
 
     @torch.no_grad()
     def eval(self) -> None:
         """Put x in the masters and the model's weights (no-op when already in eval mode)."""
-        self._sf_swap(to_train=False)
+        if not any(group["train_mode"] for group in self.optimizer.param_groups):
+            return
+        saved = [master.detach().to("cpu", copy=True) for master in self._sf_masters()] if self.train_mode else None
+        self._sf_base_swap(to_train=False)
+        if saved is not None:
+            self._sf_y = saved
+        self._sf_refresh()
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         """DeepSpeed's step, refused in eval mode before DeepSpeed narrows param_groups for it.
@@ -224,11 +242,20 @@ class _EngineScheduleFree:
                                "before training steps (and optimizer.eval() before evaluating or saving).")
         return super().step(*args, **kwargs)
 
-    def _sf_swap(self, to_train: bool) -> None:
-        if all(g["train_mode"] == to_train for g in self.optimizer.param_groups):
-            return
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop("_sf_y", None)
+        return super().load_state_dict(*args, **kwargs)
+
+    def refresh_fp32_params(self, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop("_sf_y", None)
+        return super().refresh_fp32_params(*args, **kwargs)
+
+    def _sf_masters(self) -> list[torch.Tensor]:
+        """The fp32 tensors the Schedule-Free optimizer steps."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _sf_base_swap(self, to_train: bool) -> None:
         self.optimizer.train() if to_train else self.optimizer.eval()
-        self._sf_refresh()
 
 
 class _ZeRO12(_EngineScheduleFree):
@@ -266,12 +293,15 @@ class _ZeRO3(_EngineScheduleFree):
     and empty: the counters of all groups are restored so each advances exactly once per step.
     """
 
-    def _sf_swap(self, to_train: bool) -> None:
-        if all(g["train_mode"] == to_train for g in self.optimizer.param_groups):
-            return
+    def _sf_masters(self) -> list[torch.Tensor]:
+        return list(self.fp32_partitioned_groups_flat)
+
+    def _sf_base_swap(self, to_train: bool) -> None:
         self._partition_all_parameters()
         with self._sf_masters_visible():
             self.optimizer.train() if to_train else self.optimizer.eval()
+
+    def _sf_refresh(self) -> None:
         for sub_group_id in range(len(self.fp16_groups)):
             self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
         if self.persistent_parameters:
