@@ -351,8 +351,9 @@ def attach(engine_optimizer: Any) -> Any:
         return engine_optimizer
     base = getattr(engine_optimizer, "optimizer", None)
     if not isinstance(base, ScheduleFreeOptimizer):
-        raise TypeError(f"{type(engine_optimizer).__name__} does not wrap a Schedule-Free optimizer "
-                        f"(it wraps {type(base).__name__})")
+        raise TypeError(f"{type(engine_optimizer).__name__} does not wrap a Schedule-Free optimizer (it wraps "
+                        f"{type(base).__name__}): build the engine with an sf_dist optimizer, e.g. through "
+                        "sf_dist.deepspeed.initialize")
     if hasattr(engine_optimizer, "fp32_partitioned_groups_flat"):
         mixin = _ZeRO3
     elif hasattr(engine_optimizer, "update_lp_params"):
