@@ -1,6 +1,6 @@
 """Train a small GPT on the Python standard library's sources with a Schedule-Free optimizer.
 
-    torchrun --standalone --nproc-per-node 2 examples/train_lm.py --backend fsdp2 --steps 600
+    torchrun --standalone --nproc-per-node 2 examples/train_lm.py --backend fsdp2 --steps 500
 
 On rank 0: a progress bar, a CSV of losses (validation at x, the eval weights, and at y, the
 train weights), then a PNG plot, an export of x in safetensors and a short text sample. gloo on
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=BACKENDS, default="ddp", help="how the model is distributed")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sf_adamw",
                    help="a Schedule-Free optimizer, or torch AdamW with warmup + cosine decay (or constant lr)")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak lr (constant after warmup for Schedule-Free)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak lr (constant after warmup for Schedule-Free)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step, over all ranks)")

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-export PYTHON=$PWD/${SF_DIST_VENV:-.venv}/bin/python
+export PYTHON=${SF_DIST_VENV:-.venv}/bin/python
 export NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 exec bash launch/torchrun.sh examples/train_lm.py --out runs/train_lm "$@"
