@@ -353,6 +353,7 @@ def _low_precision_worker(rank: int, world: int, ckpt_root: str) -> dict:
         z = {n: _full_z(engine, p) for n, p in engine.module.named_parameters()}
         if not case.endswith("-0"):  # ZeRO-1..3 checkpoints, saved in train mode, for the offline export
             engine.save_checkpoint(os.path.join(ckpt_root, case))
+        rec["api_x"] = sf_dist.eval_state_dict(engine, opt)  # fp32 x from the masters, y back after
         opt.eval()
         rec["x"] = sfds.engine_state_dict(engine)
         rec["model_at_eval"] = _model_weights(engine)
@@ -537,6 +538,8 @@ def test_low_precision_eval_puts_rounded_x_in_the_model(low_precision_runs, case
         assert torch.equal(rec["model_at_train"][n], rec["y_round_trip"][n].to(dtype)), n
         assert not torch.equal(rec["x"][n], rec["y"][n]), n
     _close(rec["y_round_trip"], rec["y"], rtol=0, atol=0)
+    assert all(t.dtype == torch.float32 for n, t in rec["api_x"].items() if n in params)
+    _close(rec["api_x"], rec["x"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", list(LOW_PRECISION))
