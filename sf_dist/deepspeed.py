@@ -24,6 +24,8 @@ import torch
 
 from .optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
 
+__all__ = ["initialize", "attach", "engine_state_dict", "OPTIMIZERS"]
+
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
 
 SCHEDULER_REFUSAL = (
