@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .weights import _is_deepspeed, _own_state_dict_calls, agreed_train_mode, rank0_io
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "latest"]
 
 
 def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any = None) -> None:
@@ -71,6 +71,31 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     else:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     return pickle.loads(state["extra"])
+
+
+def latest(root: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint directly under ``root`` (by name, e.g. ``step_00042``), or None.
+
+    Half-written saves (``*.tmp``), replaced ones (``*.old``) and directories whose metadata or
+    shard files are missing or truncated are never taken: a job killed mid-save resumes from the
+    checkpoint before.
+
+    >>> path = sf_dist.checkpoint.latest("ckpt")
+    >>> start = sf_dist.checkpoint.load(path, model, opt)["step"] if path else 0
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return None
+    for name in sorted(os.listdir(root), reverse=True):
+        path = os.path.join(root, name)
+        if name.endswith((".tmp", ".old")) or not os.path.isdir(path):
+            continue
+        try:
+            _read_metadata(path)
+        except (OSError, RuntimeError):
+            continue
+        return path
+    return None
 
 
 def _checked_path(path: str | os.PathLike, model: Any) -> str:
