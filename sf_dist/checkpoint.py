@@ -7,6 +7,7 @@ another world size or into a plain unsharded model, and resumes bitwise at the s
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -22,9 +23,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .optim import COUNTERS
 from .weights import _is_deepspeed, _own_state_dict_calls, agreed_train_mode, rank0_io
 
 __all__ = ["save", "load", "latest"]
+
+log = logging.getLogger(__name__)
 
 
 def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any = None) -> None:
@@ -60,6 +64,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     metadata = _read_metadata(path)
     state = _state(model, optimizer, None)
     _check_model_keys(path, metadata, state["model"])
+    _check_optimizer_class(path, state["optimizer_class"])
+    chosen = [_hyperparameters(g) for g in optimizer.param_groups]
     try:
         dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # per-rank tracebacks; the last line names the cause
@@ -70,6 +76,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
         optimizer.load_sharded_state_dict(state["optim"])
     else:
         set_optimizer_state_dict(model, optimizer, state["optim"])
+    _keep_chosen_hyperparameters(path, optimizer, chosen)
     return pickle.loads(state["extra"])
 
 
@@ -117,7 +124,38 @@ def _state(model: nn.Module, optimizer: Any, extra: Any) -> dict[str, Any]:
         optimizer.init_state()
         optim_sd = get_optimizer_state_dict(model, optimizer)
     # extra travels pickled: DCP drops None leaves and would flatten containers into keys.
-    return {"model": model_sd, "optim": optim_sd, "extra": pickle.dumps(extra)}
+    return {"model": model_sd, "optim": optim_sd, "extra": pickle.dumps(extra),
+            "optimizer_class": pickle.dumps(_optimizer_class(optimizer))}
+
+
+def _optimizer_class(optimizer: Any) -> str:
+    """The optimizer's class, with the wrapped class for ZeroScheduleFree."""
+    inner = getattr(optimizer, "inner", None)
+    name = type(optimizer).__name__
+    return f"{name}({type(inner).__name__})" if inner is not None else name
+
+
+def _check_optimizer_class(path: str, mine: bytes) -> None:
+    """Refuse a checkpoint of another optimizer class (AdamW and RAdam state would load silently)."""
+    saved = {"optimizer_class": b""}
+    dcp.load(saved, checkpoint_id=path)
+    if saved["optimizer_class"] != mine:
+        raise RuntimeError(f"checkpoint {path!r} was saved by {pickle.loads(saved['optimizer_class'])}, "
+                           f"this optimizer is {pickle.loads(mine)}: build the same optimizer class to resume")
+
+
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params" and k not in COUNTERS}
+
+
+def _keep_chosen_hyperparameters(path: str, optimizer: Any, chosen: list[dict[str, Any]]) -> None:
+    """Hyperparameters given to the optimizer win over the checkpoint's; each change is logged."""
+    for i, (group, mine) in enumerate(zip(optimizer.param_groups, chosen)):
+        for key, value in mine.items():
+            if group.get(key) != value:
+                log.warning("checkpoint %s: param_groups[%d][%r] was %r, continuing with %r",
+                            path, i, key, group.get(key), value)
+                group[key] = value
 
 
 def _publish(tmp: str, path: str) -> None:

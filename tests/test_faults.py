@@ -61,3 +61,36 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     os.remove(tmp_path / "step_2" / ".metadata")
     assert sf_dist.checkpoint.latest(tmp_path) == str(tmp_path / "step_1")
     assert sf_dist.checkpoint.load(sf_dist.checkpoint.latest(tmp_path), model, opt) == {"step": 1}
+
+
+def _trained(cls, **hp):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = cls(model.parameters(), **hp)
+    opt.train()
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_other_optimizer_class_is_refused_by_name(tmp_path):
+    model, opt = _trained(sf_dist.AdamWScheduleFree)
+    sf_dist.checkpoint.save(tmp_path / "ckpt", model, opt)
+    other_model, other = _trained(sf_dist.RAdamScheduleFree)  # same state keys as AdamW
+    before = [p.detach().clone() for p in other_model.parameters()]
+    with pytest.raises(RuntimeError, match="saved by AdamWScheduleFree, this optimizer is RAdamScheduleFree"):
+        sf_dist.checkpoint.load(tmp_path / "ckpt", other_model, other)
+    assert all(torch.equal(a, b) for a, b in zip(before, other_model.parameters()))
+
+
+def test_changed_hyperparameters_are_kept_and_logged(tmp_path, caplog):
+    model, opt = _trained(sf_dist.AdamWScheduleFree, lr=0.01, weight_decay=0.0)
+    sf_dist.checkpoint.save(tmp_path / "ckpt", model, opt)
+    model2, opt2 = _trained(sf_dist.AdamWScheduleFree, lr=0.005, weight_decay=0.1)
+    with caplog.at_level("WARNING", logger="sf_dist.checkpoint"):
+        sf_dist.checkpoint.load(tmp_path / "ckpt", model2, opt2)
+    group = opt2.param_groups[0]
+    assert group["lr"] == 0.005 and group["weight_decay"] == 0.1
+    assert group["k"] == 1 and group["weight_sum"] == opt.param_groups[0]["weight_sum"]
+    assert "param_groups[0]['lr'] was 0.01, continuing with 0.005" in caplog.text
+    assert "param_groups[0]['weight_decay'] was 0.0, continuing with 0.1" in caplog.text

@@ -133,3 +133,41 @@ def test_ranks_skip_raise_and_refuse_together():
     assert "on another rank" in r0["error"] and "param_groups[0]['params'][2]" in r1["error"]
     assert "another rank is in eval mode" in r0["mode"]
     assert "Call optimizer.train()" in r1["mode"]
+
+
+def _fsdp2_skip(rank, world_size):
+    """FSDP2: a NaN in one rank's local gradient shard makes every rank skip, state bitwise kept."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.01)
+    opt.train()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 5, generator=gen, dtype=torch.float64), torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    if rank == 1:
+        next(model.parameters()).grad.to_local().view(-1)[0] = float("inf")
+    before = [p.to_local().clone() for p in model.parameters()]
+    state_before = {i: {k: v.to_local().clone() for k, v in opt.state[p].items()}
+                    for i, p in enumerate(model.parameters())}
+    opt.step()
+    unchanged = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+    unchanged &= all(torch.equal(v, opt.state[p][k].to_local())
+                     for i, p in enumerate(model.parameters()) for k, v in state_before[i].items())
+    return dict(unchanged=unchanged, skipped=opt.skipped_steps, k=opt.param_groups[0]["k"],
+                weight_sum=opt.param_groups[0]["weight_sum"])
+
+
+def test_fsdp2_ranks_skip_together():
+    results = run_distributed(_fsdp2_skip, 2)
+    for r in results:
+        assert r["unchanged"] and r["skipped"] == 1 and r["k"] == 1
+    assert results[0]["weight_sum"] == results[1]["weight_sum"]
