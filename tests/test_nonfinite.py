@@ -171,3 +171,39 @@ def test_fsdp2_ranks_skip_together():
     for r in results:
         assert r["unchanged"] and r["skipped"] == 1 and r["k"] == 1
     assert results[0]["weight_sum"] == results[1]["weight_sum"]
+
+
+def _deepspeed_skip(rank, world_size):
+    """DeepSpeed ZeRO-2 (fp32): a NaN batch on rank 1 is skipped by both ranks (DeepSpeed's own
+    overflow check sees it first here; ours would otherwise) and the Schedule-Free scalars stay put."""
+    import torch.nn.functional as F
+    from test_deepspeed import Net, _config, _groups
+
+    from sf_dist import deepspeed as sfds
+
+    model = Net()
+    engine, opt, _, _ = sfds.initialize(model=model, config=_config(2), model_parameters=_groups(model))
+    opt.train()
+    base = opt.optimizer
+
+    def step(poison):
+        gen = torch.Generator().manual_seed(5)
+        x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 3, generator=gen)
+        if poison:
+            x[0, 0] = float("nan")
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+
+    step(False)
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    counters = [(g["k"], g["weight_sum"], g["lr_max"]) for g in base.param_groups]
+    step(rank == 1)
+    return dict(unchanged=all(torch.equal(a, p) for a, p in zip(weights, engine.module.parameters())),
+                counters=counters == [(g["k"], g["weight_sum"], g["lr_max"]) for g in base.param_groups],
+                skipped=base.skipped_steps + engine.skipped_steps)
+
+
+def test_deepspeed_ranks_skip_together():
+    pytest.importorskip("deepspeed")
+    for r in run_distributed(_deepspeed_skip, 2):
+        assert r == dict(unchanged=True, counters=True, skipped=1)
