@@ -207,3 +207,25 @@ def test_deepspeed_ranks_skip_together():
     pytest.importorskip("deepspeed")
     for r in run_distributed(_deepspeed_skip, 2):
         assert r == dict(unchanged=True, counters=True, skipped=1)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "foreach_norm"])
+def test_first_nonfinite_finds_every_position_and_dtype(kernel, monkeypatch):
+    """The C++ check (sixteen-lane blocks plus a tail, chunked over threads) and the fallback."""
+    from sf_dist import guard, kernels
+
+    if kernel == "foreach_norm":
+        monkeypatch.setattr(kernels, "cpu_kernel_available", lambda: False)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        sizes = [0, 1, 17, 70001]
+        tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        assert guard.first_nonfinite(tensors) is None
+        for i, n in enumerate(sizes):
+            for pos in {0, n // 2, n - 1} if n else set():
+                for bad in (float("nan"), float("inf"), -float("inf")):
+                    poisoned = [t.clone() for t in tensors]
+                    poisoned[i][pos] = bad
+                    assert guard.first_nonfinite(poisoned) == i, (dtype, n, pos, bad)
+        big = [torch.full((8,), 6e4, dtype=torch.float16)]  # large but finite: no false alarm
+        assert guard.first_nonfinite(big) is None

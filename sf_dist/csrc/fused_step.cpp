@@ -1,5 +1,6 @@
 // One-pass Schedule-Free update on the CPU: reads y, g, z (and v) once and writes y, z (and v),
 // for a whole list of tensors in one call. Same math as sf_dist/kernels.py (see its docstring).
+// Also the gradients' finiteness check, one read pass over a whole list.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,8 +71,44 @@ void step(const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& gs, 
   }
 }
 
+// True when every element is finite: x*0 is 0 for finite x and NaN for Inf/NaN. Sixteen
+// independent lanes let the compiler vectorise without reassociating a floating-point sum.
+template <typename T>
+bool range_finite(const T* __restrict p, int64_t begin, int64_t end) {
+  using A = at::opmath_type<T>;
+  constexpr int kLanes = 16;
+  A lanes[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<A>(p[i + j]) * A(0);
+  }
+  A sum = 0;
+  for (; i < end; ++i) sum += static_cast<A>(p[i]) * A(0);
+  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+  return sum == A(0);
+}
+
+// Index of the first tensor holding a NaN or Inf, -1 if none: one read pass, no temporaries.
+int64_t first_nonfinite(const std::vector<at::Tensor>& ts) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "first_nonfinite needs contiguous CPU tensors");
+    bool finite = true;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "sf_first_nonfinite", [&] {
+      const scalar_t* p = t.data_ptr<scalar_t>();
+      finite = at::parallel_reduce(
+          0, t.numel(), 65536, true,
+          [p](int64_t begin, int64_t end, bool ok) { return ok && range_finite<scalar_t>(p, begin, end); },
+          [](bool a, bool b) { return a && b; });
+    });
+    if (!finite) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sf_dist, m) {
+  m.def("first_nonfinite(Tensor[] tensors) -> int", &first_nonfinite);
   m.def("fused_step(Tensor[] ys, Tensor[] grads, Tensor[] zs, Tensor[] exp_avg_sqs, Tensor constants) -> ()", &step);
 }
