@@ -270,7 +270,7 @@ def sample(path: Path, cfg: GPTConfig, n_bytes: int, seed: int, prompt: str = "d
 
 
 def plot(csv_path: Path, png_path: Path, title: str) -> None:
-    """Train loss (and its moving average), validation at x and at y, against steps."""
+    """Train loss (and its moving average), validation at x and at y, and their gap, against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +280,7 @@ def plot(csv_path: Path, png_path: Path, title: str) -> None:
         rows = list(csv.DictReader(f))
     train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
     val = [(int(r["step"]), float(r["val_loss_x"]), float(r["val_loss_y"])) for r in rows if r["val_loss_x"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, gap) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="0.75", lw=0.8, label="train (per step)")
@@ -290,10 +290,14 @@ def plot(csv_path: Path, png_path: Path, title: str) -> None:
     steps, vx, vy = zip(*val)
     ax.plot(steps, vx, "o-", color="tab:blue", label="validation at x (eval weights)")
     ax.plot(steps, vy, "s--", color="tab:orange", label="validation at y (train weights)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
+    ax.set(ylabel="cross-entropy (nats / byte)", title=title)
     ax.set_ylim(top=min(max(vx[0], vy[0]) + 0.2, 6.0))
     ax.grid(alpha=0.3)
     ax.legend()
+    gap.axhline(0.0, color="0.5", lw=0.8)
+    gap.plot(steps, [y - x for x, y in zip(vx, vy)], "o-", color="tab:green")
+    gap.set(xlabel="step", ylabel="y - x (>0: x better)")
+    gap.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
