@@ -151,8 +151,9 @@ def _memory_and_traffic(rank, world):
         owned = sum(b.hi - b.lo for b in opt._all_buckets())
         assert held["state"] == 2 * owned and owned <= math.ceil(total / world) + nb, (held, owned, total)
         assert held["grad"] == owned and held["master"] == 0, held
-        expected = {"reduce_scatter" if stage == 2 else "all_reduce": [padded, nb], "all_gather": [padded, nb]}
-        if world == 1:  # nothing to reduce or gather
+        expected = {"reduce_scatter" if stage == 2 else "all_reduce": [padded, nb], "all_gather": [padded, nb],
+                    "guard": [2, 1]}  # the core's one all-reduce of (non-finite, eval mode) flags
+        if world == 1:  # nothing to reduce, gather or agree on
             expected = {}
         assert sent == expected, (sent, expected)
         assert abs(padded - ddp_volume) < world * nb, (padded, ddp_volume)
@@ -184,7 +185,7 @@ def _count_collectives(fn):
 
     def wrap(name, f, arg):
         def counted(*args, **kwargs):
-            entry = sent.setdefault(name, [0, 0])
+            entry = sent.setdefault("guard" if args[arg].numel() == 2 else name, [0, 0])
             entry[0] += args[arg].numel()
             entry[1] += 1
             return f(*args, **kwargs)
@@ -264,6 +265,13 @@ def _exports_errors_bf16(rank, world, tmp):
     assert len(opt._all_buckets()) == 1 and opt._all_buckets()[0]._local is None, "not launched in backward"
     opt.step()
     assert torch.equal(frozen.l1.weight, before)
+
+    # a NaN in rank 1's gradient lands in one rank's shard; every rank agrees to skip the step
+    frozen.l1.bias.register_hook(lambda g: g.fill_(float("nan")) if rank == 1 else g)
+    y_before = [p.detach().clone() for p in frozen.parameters()]
+    _backward(frozen, 1, rank, world)
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(frozen.parameters(), y_before))
 
     wrong = nn.Linear(5, 7 if rank == 0 else 6).double()
     with pytest.raises(ValueError, match=r"param 0 of group 0 is \(6, 5\) torch.float64 on rank 1"):
@@ -376,7 +384,8 @@ def _check_consolidated(full, pair, kind, what):
     """The consolidated dict loads into the single-process class and steps on like the reference."""
     net = Net()
     net.load_state_dict({n: p.detach() for n, p in pair.net.named_parameters()})
-    opt = OURS[kind](_groups(net, kind), **HP[kind])
+    # rank 0 alone: "ignore" keeps the core's step from an all-reduce the other ranks never join
+    opt = OURS[kind](_groups(net, kind), nonfinite="ignore", **HP[kind])
     opt.load_state_dict(full)
     ref_state = pair.ref_opt.state_dict()["state"]
     for i, s in ref_state.items():

@@ -59,6 +59,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
             inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
                                  "params": [piece for b in bs for _, piece in b.pieces]})
         self.inner = optimizer_class(inner_groups, **optimizer_defaults)
+        self.inner.process_group = self.process_group  # ranks agree on mode and finite gradients
         super().__init__(groups, self.inner.defaults)
         self._pull_counters()
         self._where = {p: (b, i) for bs in self.buckets for b in bs for i, p in enumerate(b.params)}
@@ -77,6 +78,11 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ---- mode --------------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because some rank's gradient shard held a NaN/Inf (nonfinite="skip")."""
+        return self.inner.skipped_steps
+
     @property
     def train_mode(self) -> bool:
         """True when the params hold y (train), False when they hold x (eval)."""
