@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600, help="the full budget")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="the lr grid, the same for every method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation and data order)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay, for every method")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup, as a fraction of each run's budget")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     p.add_argument("--block-size", type=int, default=64, help="context length in bytes")
@@ -73,7 +75,7 @@ def run_one(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     model = TinyGPT(cfg)
     steps = job["steps"]
-    opt, sched = build_optimizer(job["method"], model.parameters(), job["lr"], job["warmup"], steps)
+    opt, sched = build_optimizer(job["method"], model.parameters(), job["lr"], job["warmup"], steps, beta2=job["beta2"])
     schedule_free = sched is None
     if schedule_free:
         opt.train()
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     base = dict(batch_size=args.batch_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                n_embd=args.n_embd, eval_seqs=args.eval_seqs)
+                n_embd=args.n_embd, eval_seqs=args.eval_seqs, beta2=args.beta2)
     marks = sorted({round(args.steps * f) for f in FRACTIONS} | {round(args.steps * (i + 1) / args.eval_points) for i in range(args.eval_points)})
 
     def job(method: str, lr: float, seed: int, steps: int, eval_at: list[int]) -> dict:
@@ -125,19 +127,19 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs, initializer=_init_worker) as pool:
-        grid = _run_all(pool, [job(m, lr, s, args.steps, marks) for m in METHODS for lr in args.lrs for s in args.seeds], "lr grid")
+        grid = _run_all(pool, [job(m, lr, s, args.steps, marks) for m in args.methods for lr in args.lrs for s in args.seeds], "lr grid")
         final = {(r["method"], r["lr"]): [] for r in grid}
         for r in grid:
             final[(r["method"], r["lr"])].append(r["curve"][args.steps])
-        best_lr = {m: min(args.lrs, key=lambda lr: statistics.fmean(final[(m, lr)])) for m in METHODS}
-        short = [round(args.steps * f) for f in FRACTIONS[:-1]]
+        best_lr = {m: min(args.lrs, key=lambda lr: statistics.fmean(final[(m, lr)])) for m in args.methods}
+        short = [round(args.steps * f) for f in FRACTIONS[:-1]] if "adamw_cosine" in args.methods else []
         restarted = _run_all(pool, [job("adamw_cosine", best_lr["adamw_cosine"], s, b, [b]) for b in short for s in args.seeds],
                              "cosine restarted per budget")
     total_s = time.perf_counter() - started
 
     results: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "total_seconds": total_s, "best_lr": best_lr, "methods": {}}
-    for m in METHODS:
+    for m in args.methods:
         runs = [r for r in grid if r["method"] == m and r["lr"] == best_lr[m]]
         results["methods"][m] = {
             "lr": best_lr[m],
@@ -167,13 +169,14 @@ def report(results: dict, args: argparse.Namespace) -> str:
     """Markdown tables: tuned lr, loss at each fraction of the budget, grid, restarted cosine."""
     fr = [str(round(args.steps * f)) for f in FRACTIONS]
     lines = [f"Validation loss (nats/byte; Schedule-Free at x), mean ± std [min, max] over seeds {args.seeds}; "
-             f"{args.steps} steps, lr grid {args.lrs}, warmup {args.warmup_frac:.0%}.", "",
+             f"{args.steps} steps, lr grid {args.lrs}, warmup {args.warmup_frac:.0%}, betas (0.9, {args.beta2}).", "",
              "| method | lr | " + " | ".join(f"step {s} ({f:.0%})" for s, f in zip(fr, FRACTIONS)) + " | train s/run |",
              "|---|---|" + "---|" * len(fr) + "---|"]
     for m, r in results["methods"].items():
         lines.append(f"| {METHODS[m]} | {r['lr']:g} | " + " | ".join(_fmt(r["at"][s]) for s in fr) + f" | {r['wall_s']['mean']:.1f} |")
-    lines.append("| AdamW cosine, restarted with this budget | {:g} | ".format(results["best_lr"]["adamw_cosine"])
-                 + " | ".join(_fmt(results["cosine_restarted"][s]) for s in fr[:-1]) + " | (full run above) | |")
+    if results["cosine_restarted"]:
+        lines.append("| AdamW cosine, restarted with this budget | {:g} | ".format(results["best_lr"]["adamw_cosine"])
+                     + " | ".join(_fmt(results["cosine_restarted"][s]) for s in fr[:-1]) + " | (full run above) | |")
     for m, r in results["methods"].items():
         if "at_y" in r:
             lines.append(f"| {METHODS[m]}, evaluated at y (train weights) | {r['lr']:g} | "
@@ -200,9 +203,10 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> None:
         ax.fill_between(steps, [r["curve"][str(s)]["min"] for s in steps], [r["curve"][str(s)]["max"] for s in steps],
                         color=line.get_color(), alpha=0.2)
     restarted = results["cosine_restarted"]
-    ax.errorbar([int(b) for b in restarted], [v["mean"] for v in restarted.values()],
-                yerr=[v["std"] for v in restarted.values()], fmt="k^", capsize=3,
-                label="AdamW cosine restarted per budget (end point)")
+    if restarted:
+        ax.errorbar([int(b) for b in restarted], [v["mean"] for v in restarted.values()],
+                    yerr=[v["std"] for v in restarted.values()], fmt="k^", capsize=3,
+                    label="AdamW cosine restarted per budget (end point)")
     ax.set(xlabel="step", ylabel="validation loss (nats / byte)",
            title=f"Schedule-Free vs cosine AdamW, {len(args.seeds)} seeds, tuned lr")
     first = min(r["curve"][str(min(int(s) for s in r["curve"]))]["mean"] for r in results["methods"].values())

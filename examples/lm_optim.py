@@ -15,11 +15,14 @@ BASELINES = ("adamw_cosine", "adamw_constant")
 OPTIMIZERS = tuple(SCHEDULE_FREE) + BASELINES
 
 
-def sf_defaults(name: str, lr: float, warmup: int, weight_decay: float) -> dict:
-    """Keyword arguments for the Schedule-Free class ``name`` (RAdam has no warmup: it rectifies)."""
+def sf_defaults(name: str, lr: float, warmup: int, weight_decay: float, beta2: float = 0.999) -> dict:
+    """Keyword arguments for the Schedule-Free class ``name`` (RAdam has no warmup: it rectifies;
+    SGD has no second moment)."""
     kwargs = dict(lr=lr, weight_decay=weight_decay)
     if name != "sf_radam":
         kwargs["warmup_steps"] = warmup
+    if name != "sf_sgd":
+        kwargs["betas"] = (0.9, beta2)
     return kwargs
 
 
@@ -37,13 +40,14 @@ def warmup_constant(step: int, warmup: int) -> float:
 
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, warmup: int, steps: int,
-                    weight_decay: float = 0.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | None]:
+                    weight_decay: float = 0.0, beta2: float = 0.999,
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | None]:
     """(optimizer, scheduler); the scheduler is None for Schedule-Free, which needs none."""
     if name in SCHEDULE_FREE:
-        return SCHEDULE_FREE[name](params, **sf_defaults(name, lr, warmup, weight_decay)), None
+        return SCHEDULE_FREE[name](params, **sf_defaults(name, lr, warmup, weight_decay, beta2)), None
     if name not in BASELINES:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {OPTIMIZERS}")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay)
     if name == "adamw_cosine":
         factor = lambda s: warmup_cosine(s, warmup, steps)  # noqa: E731
     else:
