@@ -191,13 +191,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
                                       decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
-        beta1, beta2 = group["betas"]
-        lr = group["lr"] * warmup_factor(group["k"], group["warmup_steps"])
-        ckp1 = advance_average(group, lr)
-        return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (beta1 * (1 - ckp1) - 1),
-                           weight_decay=group["weight_decay"], decay_at=group["decay_at"],
-                           beta2=beta2, bias_correction2=1 - beta2 ** (group["k"] + 1),
-                           eps=group["eps"], normalize=True)
+        return _adam_scalars(group, group["lr"] * warmup_factor(group["k"], group["warmup_steps"]), True)
 
 
 class RAdamScheduleFree(ScheduleFreeOptimizer):
@@ -217,14 +211,8 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
                                       decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
-        beta1, beta2 = group["betas"]
-        rect, adam_phase = radam_rectification(group["k"], beta2, group["silent_sgd_phase"])
-        lr = group["lr"] * rect
-        ckp1 = advance_average(group, lr)
-        return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (beta1 * (1 - ckp1) - 1),
-                           weight_decay=group["weight_decay"], decay_at=group["decay_at"],
-                           beta2=beta2, bias_correction2=1 - beta2 ** (group["k"] + 1),
-                           eps=group["eps"], normalize=adam_phase)
+        rect, adam_phase = radam_rectification(group["k"], group["betas"][1], group["silent_sgd_phase"])
+        return _adam_scalars(group, group["lr"] * rect, adam_phase)
 
 
 class SGDScheduleFree(ScheduleFreeOptimizer):
@@ -249,6 +237,16 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         ckp1 = advance_average(group, lr)
         return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (momentum * (1 - ckp1) - 1),
                            weight_decay=group["weight_decay"], decay_at=group["decay_at"])
+
+
+def _adam_scalars(group: dict[str, Any], lr: float, normalize: bool) -> StepScalars:
+    """Scalars of an Adam-family step at the scheduled ``lr`` (advances the group's average)."""
+    beta1, beta2 = group["betas"]
+    ckp1 = advance_average(group, lr)
+    return StepScalars(lr=lr, ckp1=ckp1, y_coef=lr * (beta1 * (1 - ckp1) - 1),
+                       weight_decay=group["weight_decay"], decay_at=group["decay_at"],
+                       beta2=beta2, bias_correction2=1 - beta2 ** (group["k"] + 1),
+                       eps=group["eps"], normalize=normalize)
 
 
 def _validate(group: dict[str, Any]) -> None:
