@@ -175,12 +175,13 @@ class ZeroScheduleFree(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Average the gradients, step this rank's shard, all-gather the new y into the params."""
-        if not self.train_mode:
-            raise RuntimeError("step() called in eval mode: the params hold x, not y. Call "
-                               "optimizer.train() before training steps.")
+        """Average the gradients, step this rank's shard, all-gather the new y into the params.
+
+        Raises in eval mode; skips on every rank if any rank's gradient shard holds a NaN/Inf
+        (the core's ``nonfinite="skip"``, agreed in one small all-reduce).
+        """
         loss = None
-        if closure is not None:
+        if closure is not None and self.train_mode:
             with torch.enable_grad():
                 loss = closure()
         self._sync_grads()
@@ -188,7 +189,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         self._push_hyperparameters()
         for b in self._all_buckets():
             b.attach_grads()
-        self.inner.step()
+        self.inner.step()  # the agreement on mode and finiteness happens in here
         self._pull_counters()
         self._publish()
         return loss
