@@ -40,9 +40,13 @@ def agree(bad: bool, eval_mode: bool, device: torch.device,
     """(any rank has a non-finite gradient, any rank is in eval mode) over ``group``.
 
     Without an initialised process group of more than one rank, the local facts are returned.
+    ``group`` None means every rank: an optimizer stepped on some ranks only must be given the
+    group of those ranks (``opt.process_group``) or use ``nonfinite="ignore"``.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return bad, eval_mode
+    if device.type == "cpu" and dist.get_backend(group) == "nccl":  # a rank that owns no params
+        device = torch.device("cuda", torch.cuda.current_device())
     flags = torch.tensor([float(bad), float(eval_mode)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     any_bad, any_eval = flags.tolist()

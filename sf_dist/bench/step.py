@@ -3,7 +3,7 @@
 sf_dist rows use the default nonfinite="skip" (a finiteness check of the gradients) except
 the "no check" row, which shows what that check costs.
 
-    python -m sf_dist.bench step [--tensors 64 --rows 512 --cols 512 --reps 30 --dtype float32]
+    python -m sf_dist.bench step [--tensors 64 --rows 512 --cols 512 --reps 30 --dtype float32 --threads N]
 
 Every optimizer gets its own copy of the same tensors; steps are interleaved round-robin and
 each optimizer's median is reported, with ratios against torch.optim.AdamW(fused=True).
@@ -69,8 +69,11 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=512)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-reference", action="store_true", help="skip the schedulefree package")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     medians = run(args.tensors, args.rows, args.cols, args.reps, dtype, not args.no_reference)
     numel = args.tensors * args.rows * args.cols
