@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=500, help="optimizer steps")
     p.add_argument("--lr", type=float, default=2e-3, help="peak lr (constant after warmup for Schedule-Free)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay (0.95 did better in docs/convergence.md)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step, over all ranks)")
     p.add_argument("--block-size", type=int, default=128, help="context length in bytes")
@@ -85,7 +86,7 @@ def wrap(model: TinyGPT, args: argparse.Namespace, device: torch.device):
     """(model to call, optimizer, lr scheduler or None) for the chosen backend."""
     if args.backend == "deepspeed":
         cls = SCHEDULE_FREE[args.optimizer]
-        opt = cls(model.parameters(), **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay))
+        opt = cls(model.parameters(), **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay, args.beta2))
         # DeepSpeed clips gradients at norm 1.0 unless told otherwise; the other backends do not clip.
         config = {"train_batch_size": args.batch_size, "zero_optimization": {"stage": 2},
                   "gradient_clipping": 0.0}
@@ -94,7 +95,7 @@ def wrap(model: TinyGPT, args: argparse.Namespace, device: torch.device):
     if args.backend in ("zero1", "zero2"):  # no DDP: ZeroScheduleFree averages the gradients itself
         opt = sf_dist.ZeroScheduleFree(model.parameters(), optimizer_class=SCHEDULE_FREE[args.optimizer],
                                        stage=int(args.backend[-1]),
-                                       **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay))
+                                       **sf_defaults(args.optimizer, args.lr, args.warmup, args.weight_decay, args.beta2))
         return model, opt, None
     if args.backend == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -118,7 +119,8 @@ def wrap(model: TinyGPT, args: argparse.Namespace, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt, sched = build_optimizer(args.optimizer, model.parameters(), args.lr, args.warmup, args.steps, args.weight_decay)
+    opt, sched = build_optimizer(args.optimizer, model.parameters(), args.lr, args.warmup, args.steps, args.weight_decay,
+                                 args.beta2)
     return model, opt, sched
 
 
