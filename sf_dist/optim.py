@@ -127,7 +127,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         active = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        if self.nonfinite != "ignore" and self._skip():
+        if self.nonfinite != "ignore" and self._skip(active):
             return loss
         for group, params in zip(self.param_groups, active):
             ys, grads, zs, moments = [], [], [], []
@@ -147,13 +147,10 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group["k"] += 1
         return loss
 
-    def _skip(self) -> bool:
+    def _skip(self, active: list[list[Tensor]]) -> bool:
         """Agree with every rank on mode and finiteness; True means skip this step (raises if asked)."""
-        where = [(gi, pi, p)
-                 for gi, group in enumerate(self.param_groups)
-                 for pi, p in enumerate(group["params"]) if p.grad is not None]
-        grads = [local(p.grad) for _, _, p in where]
-        bad_index = guard.first_nonfinite(grads)
+        flat = [p for params in active for p in params]
+        bad_index = guard.first_nonfinite([local(p.grad) for p in flat])
         device = next((local(p).device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         any_bad, any_eval = guard.agree(bad_index is not None, not self.train_mode, device, self.process_group)
         if any_eval:
@@ -166,7 +163,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             k = self.param_groups[0]["k"]
             if bad_index is None:
                 raise RuntimeError(f"non-finite gradient at step {k} on another rank (nonfinite='error')")
-            gi, pi, p = where[bad_index]
+            p = flat[bad_index]
+            gi, pi = next((gi, pi) for gi, g in enumerate(self.param_groups)
+                          for pi, q in enumerate(g["params"]) if q is p)
             raise RuntimeError(f"non-finite gradient at step {k} in param_groups[{gi}]['params'][{pi}] "
                                f"(shape {tuple(p.shape)}); nonfinite='skip' would skip the step")
         self.skipped_steps += 1
