@@ -100,9 +100,9 @@ def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tens
                 exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars) -> None:
     n = len(ys)
     vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
-    fusable = [i for i in range(n) if ys[i].numel() > 1 and
+    fusable = [i for i in range(n) if ys[i].numel() > 0 and
                all(t.is_contiguous() for t in (ys[i], grads[i], zs[i], vs[i]) if t is not None)]
-    for i in sorted(set(range(n)) - set(fusable)):  # scalars and strided tensors: not worth a kernel
+    for i in sorted(set(range(n)) - set(fusable)):  # strided tensors (empty ones have nothing to do)
         _single_tensor_step(ys[i], grads[i], zs[i], vs[i], s)
     cpu = [i for i in fusable if _on_cpu_kernel(ys[i])]
     if cpu:
@@ -183,7 +183,7 @@ def _compiled(kind: str) -> Callable:
 
 
 def _compiled_fused_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars) -> None:
-    """One compiled pass over a contiguous tensor of more than one element (any device)."""
+    """One compiled pass over a contiguous tensor (any device); size 1 gets a graph of its own."""
     c = _fused_constants(s, torch.float64 if y.dtype == torch.float64 else torch.float32, y.device)
     group = [y, g, z] + ([] if v is None else [v])
     _compiled("sgd" if v is None else "adam")(*map(_flat_alias, group), c)
@@ -191,7 +191,7 @@ def _compiled_fused_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s
 
 def _flat_alias(t: Tensor) -> Tensor:
     """A 1-D tensor over ``t``'s memory that is not a view, so the compiled graph has no base shape
-    to guard on: one graph per dtype serves every shape. (An unbacked length would also avoid the
-    n=1 graph but measured 20 ms per call.)"""
+    to guard on: one graph per dtype serves every size but 1, which torch specialises. (An
+    unbacked length would avoid that graph but measured 20 ms per call.)"""
     return torch.empty((0,), dtype=t.dtype, device=t.device).set_(
         t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
