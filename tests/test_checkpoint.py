@@ -7,14 +7,16 @@ import schedulefree
 import torch
 from torch import nn
 
+import mlp_case
 from dist import run_distributed
+from mlp_case import run
 
 import sf_dist
 from sf_dist import checkpoint
 from sf_dist.weights import register_eval_state_dict_hook
 
 RTOL, ATOL = 1e-5, 1e-6
-STEPS, SPLIT, BATCH = 8, 4, 24
+SPLIT = 4
 HP = dict(lr=0.02, weight_decay=0.01, warmup_steps=2)
 
 
@@ -24,18 +26,7 @@ def make_model() -> nn.Module:
 
 
 def batches():
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(BATCH, 6, generator=g, dtype=torch.float64),
-             torch.randn(BATCH, 3, generator=g, dtype=torch.float64)) for _ in range(STEPS)]
-
-
-def run(model, opt, data, rank=0, world_size=1):
-    opt.train()
-    per = BATCH // world_size
-    for x, t in data:
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), t[rank * per:(rank + 1) * per]).backward()
-        opt.step()
+    return mlp_case.batches(7)
 
 
 def reference_y():

@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import mlp_case
 from dist import run_distributed
+from mlp_case import run
 
 import sf_dist
 from sf_dist import checkpoint
 from sf_dist.weights import eval_state_dict, register_eval_state_dict_hook, save_eval_weights
 
 RTOL, ATOL = 1e-5, 1e-6
-STEPS, BATCH = 8, 24
 OPTS = {
     "adamw": (sf_dist.AdamWScheduleFree, schedulefree.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2)),
     "sgd": (sf_dist.SGDScheduleFree, schedulefree.SGDScheduleFree, dict(lr=0.3, weight_decay=0.01, warmup_steps=2)),
@@ -32,9 +33,7 @@ def make_model() -> nn.Module:
 
 
 def batches():
-    g = torch.Generator().manual_seed(5)
-    return [(torch.randn(BATCH, 6, generator=g, dtype=torch.float64),
-             torch.randn(BATCH, 3, generator=g, dtype=torch.float64)) for _ in range(STEPS)]
+    return mlp_case.batches(5)
 
 
 def wrap(model):
@@ -42,15 +41,6 @@ def wrap(model):
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
-
-
-def run(model, opt, data, rank=0, world_size=1):
-    opt.train()
-    per = BATCH // world_size
-    for x, t in data:
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), t[rank * per:(rank + 1) * per]).backward()
-        opt.step()
 
 
 def reference(kind):

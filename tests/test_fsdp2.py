@@ -14,13 +14,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+import mlp_case
 from dist import run_distributed
+from mlp_case import run
 
 import sf_dist
 from sf_dist.weights import eval_state_dict, register_eval_state_dict_hook, save_eval_weights
 
 RTOL, ATOL = 1e-5, 1e-6
-STEPS, BATCH, CLIP = 8, 24, 0.05
+CLIP = 0.05
 OPTS = {
     "adamw": (sf_dist.AdamWScheduleFree, schedulefree.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2)),
     "sgd": (sf_dist.SGDScheduleFree, schedulefree.SGDScheduleFree, dict(lr=0.3, weight_decay=0.01, warmup_steps=2)),
@@ -34,9 +36,7 @@ def make_model(dtype=torch.float64) -> nn.Module:
 
 
 def batches(dtype=torch.float64):
-    g = torch.Generator().manual_seed(123)
-    return [(torch.randn(BATCH, 6, generator=g, dtype=dtype), torch.randn(BATCH, 3, generator=g, dtype=dtype))
-            for _ in range(STEPS)]
+    return mlp_case.batches(123, dtype)
 
 
 def shard(model, world_size, **kwargs):
@@ -47,18 +47,6 @@ def shard(model, world_size, **kwargs):
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh, **kwargs)
     return fully_shard(model, mesh=mesh, **kwargs)
-
-
-def run(model, opt, data, rank=0, world_size=1, clip=None):
-    opt.train()
-    per = BATCH // world_size
-    for x, t in data:
-        opt.zero_grad()
-        x, t = x[rank * per:(rank + 1) * per], t[rank * per:(rank + 1) * per]
-        nn.functional.mse_loss(model(x), t).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
 
 
 def reference(kind, clip=None):
@@ -170,7 +158,7 @@ def check_mixed_precision(rank, world_size):
     ref_opt = schedulefree.AdamWScheduleFree(ref.parameters(), **OPTS["adamw"][2])
     opt.train()
     ref_opt.train()
-    per = BATCH // world_size
+    per = mlp_case.BATCH // world_size
     for x, t in batches(torch.float32):
         opt.zero_grad()
         with torch.autocast("cpu", enabled=False):
