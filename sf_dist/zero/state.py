@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim import COUNTERS
 
 if TYPE_CHECKING:
     from .buckets import Bucket
