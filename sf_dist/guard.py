@@ -35,8 +35,18 @@ def first_nonfinite(grads: list[Tensor]) -> Optional[int]:
     return nonempty[int((~finite).nonzero()[0])]
 
 
-def agree(bad: bool, eval_mode: bool, device: torch.device,
-          group: Optional[dist.ProcessGroup] = None) -> tuple[bool, bool]:
+def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a small flag tensor must live for ``group``'s backend: CPU for gloo/MPI, else the
+    current accelerator (NCCL), whatever device this rank's params are on (it may own none)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:  # torch >= 2.6
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def agree(bad: bool, eval_mode: bool, group: Optional[dist.ProcessGroup] = None) -> tuple[bool, bool]:
     """(any rank has a non-finite gradient, any rank is in eval mode) over ``group``.
 
     Without an initialised process group of more than one rank, the local facts are returned.
@@ -45,9 +55,7 @@ def agree(bad: bool, eval_mode: bool, device: torch.device,
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return bad, eval_mode
-    if device.type == "cpu" and dist.get_backend(group) == "nccl":  # a rank that owns no params
-        device = torch.device("cuda", torch.cuda.current_device())
-    flags = torch.tensor([float(bad), float(eval_mode)], device=device)
+    flags = torch.tensor([float(bad), float(eval_mode)], device=comm_device(group))
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     any_bad, any_eval = flags.tolist()
     return bool(any_bad), bool(any_eval)

@@ -151,8 +151,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Agree with every rank on mode and finiteness; True means skip this step (raises if asked)."""
         flat = [p for params in active for p in params]
         bad_index = guard.first_nonfinite([local(p.grad) for p in flat])
-        device = next((local(p).device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        any_bad, any_eval = guard.agree(bad_index is not None, not self.train_mode, device, self.process_group)
+        any_bad, any_eval = guard.agree(bad_index is not None, not self.train_mode, self.process_group)
         if any_eval:
             raise RuntimeError(guard.EVAL_MODE_MESSAGE if not self.train_mode else
                                "step() refused: another rank is in eval mode while this one trains. "

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .guard import comm_device
 from .kernels import swap_
 from .optim import ScheduleFreeOptimizer, local
 
@@ -41,16 +42,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _comm_device() -> torch.device:
-    """CPU for gloo (or a CPU-capable mixed backend), else the current accelerator (NCCL)."""
-    backend = str(dist.get_backend())
-    if "gloo" in backend or backend == "mpi":
-        return torch.device("cpu")
-    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:  # torch >= 2.6
-        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def agreed_train_mode(optimizer: Any) -> bool:
     """The optimizer's mode, checked to be the same on every rank (one tiny all-reduce).
 
@@ -59,7 +50,7 @@ def agreed_train_mode(optimizer: Any) -> bool:
     mode = bool(optimizer.train_mode)
     if not _dist_up():
         return mode
-    flags = torch.tensor([float(mode), -float(mode)], device=_comm_device())
+    flags = torch.tensor([float(mode), -float(mode)], device=comm_device())
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0].item() != -flags[1].item():
         raise RuntimeError(
@@ -80,7 +71,7 @@ def rank0_io(action: Callable[[], Any], what: str) -> Any:
         except OSError as e:
             error = e
     if _dist_up():
-        failed = torch.tensor([float(error is not None)], device=_comm_device())
+        failed = torch.tensor([float(error is not None)], device=comm_device())
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() and error is None:
             raise RuntimeError(f"rank 0 could not {what}; see rank 0's error")
@@ -345,7 +336,7 @@ def _rows_to_rank0(value: DTensor, x_of: _PresentX) -> Optional[Tensor]:
 
 def _shard_device(value: Any) -> torch.device:
     shards = value.local_shards()
-    return shards[0].tensor.device if shards else _comm_device()
+    return shards[0].tensor.device if shards else comm_device()
 
 
 # ---- public exports ----------------------------------------------------------------------------
