@@ -13,7 +13,7 @@ from . import checkpoint
 from .bn import recalibrate_bn
 from .optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
 from .weights import eval_state_dict, eval_weights, register_eval_state_dict_hook, save_eval_weights
-from .zero import ZeroScheduleFree
+from .backends.zero import ZeroScheduleFree
 
 __all__ = [
     "AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree", "ScheduleFreeOptimizer", "ZeroScheduleFree",

@@ -24,7 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .optim import COUNTERS
-from .weights import _is_deepspeed, _own_state_dict_calls, agreed_train_mode, rank0_io
+from .backends.deepspeed import is_deepspeed
+from .distributed import agreed_train_mode, rank0_io
+from .weights import own_state_dict_calls
 
 __all__ = ["save", "load", "latest"]
 
@@ -106,7 +108,7 @@ def latest(root: str | os.PathLike) -> str | None:
 
 
 def _checked_path(path: str | os.PathLike, model: Any) -> str:
-    if _is_deepspeed(model):
+    if is_deepspeed(model):
         raise TypeError("sf_dist.checkpoint does not handle DeepSpeed engines: use engine.save_checkpoint() / "
                         "engine.load_checkpoint() (see docs/deepspeed.md)")
     return os.path.normpath(os.fspath(path))  # "ckpt/" must not put the temporary inside "ckpt"
@@ -114,7 +116,7 @@ def _checked_path(path: str | os.PathLike, model: Any) -> str:
 
 def _state(model: nn.Module, optimizer: Any, extra: Any) -> dict[str, Any]:
     """The DCP state dict: sharded model params (y), optimizer state and groups, extra."""
-    with _own_state_dict_calls():
+    with own_state_dict_calls():
         model_sd = get_model_state_dict(model)
     if hasattr(optimizer, "sharded_state_dict"):
         optim_sd = optimizer.sharded_state_dict()

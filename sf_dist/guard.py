@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
+from .distributed import comm_device
 
 NONFINITE = ("skip", "error", "ignore")
 
@@ -33,17 +34,6 @@ def first_nonfinite(grads: list[Tensor]) -> Optional[int]:
     if bool(finite.all()):
         return None
     return nonempty[int((~finite).nonzero()[0])]
-
-
-def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
-    """Where a small flag tensor must live for ``group``'s backend: CPU for gloo/MPI, else the
-    current accelerator (NCCL), whatever device this rank's params are on (it may own none)."""
-    backend = str(dist.get_backend(group))
-    if "gloo" in backend or backend == "mpi":
-        return torch.device("cpu")
-    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:  # torch >= 2.6
-        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def agree(bad: bool, eval_mode: bool, group: Optional[dist.ProcessGroup] = None) -> tuple[bool, bool]:

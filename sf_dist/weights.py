@@ -8,95 +8,24 @@ y bitwise unchanged afterwards, on a plain module, DDP, FSDP2, FSDP1 or a DeepSp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from .guard import comm_device
+from .backends.deepspeed import is_deepspeed
+from .backends.fsdp import drop_gathered_copies, gather_x, is_fsdp1, is_sharded, is_sharded_tensor
+from .distributed import agreed_train_mode, rank0_io
 from .kernels import swap_
 from .optim import ScheduleFreeOptimizer, local
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch builds without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
+from .safetensors_stream import SafetensorsWriter
 
 __all__ = ["eval_weights", "eval_state_dict", "save_eval_weights", "register_eval_state_dict_hook",
-           "agreed_train_mode", "rank0_io"]
+           "own_state_dict_calls"]
 
 # Set while sf_dist itself reads a state dict (checkpoints store y): the eval hook stands aside.
 _HOOKS_SUSPENDED = [False]
-
-
-# ---- modes and process groups ------------------------------------------------------------------
-def _dist_up() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def agreed_train_mode(optimizer: Any) -> bool:
-    """The optimizer's mode, checked to be the same on every rank (one tiny all-reduce).
-
-    Raises RuntimeError when ranks disagree, so no export mixes x shards with y shards.
-    """
-    mode = bool(optimizer.train_mode)
-    if not _dist_up():
-        return mode
-    flags = torch.tensor([float(mode), -float(mode)], device=comm_device())
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0].item() != -flags[1].item():
-        raise RuntimeError(
-            f"ranks disagree on the optimizer mode (rank {_rank()} has train_mode={mode}, another "
-            "rank differs): call optimizer.train() or optimizer.eval() on every rank, not on one, "
-            "before exporting or checkpointing"
-        )
-    return mode
-
-
-def rank0_io(action: Callable[[], Any], what: str) -> Any:
-    """Run a file-system ``action`` on rank 0 and tell every rank whether it worked, so that a
-    bad path raises everywhere instead of leaving the other ranks waiting in a collective."""
-    result, error = None, None
-    if _rank() == 0:
-        try:
-            result = action()
-        except OSError as e:
-            error = e
-    if _dist_up():
-        failed = torch.tensor([float(error is not None)], device=comm_device())
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and error is None:
-            raise RuntimeError(f"rank 0 could not {what}; see rank 0's error")
-    if error is not None:
-        raise error
-    return result
-
-
-def _is_deepspeed(model: Any) -> bool:
-    """A DeepSpeed engine, detected by its class's module so deepspeed is never imported here."""
-    return any(c.__module__.startswith("deepspeed") for c in type(model).__mro__)
-
-
-def _is_fsdp1(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    """FSDP1 or FSDP2, whose state dicts are taken on every rank (DCP, gathers): a mode check there
-    cannot hang a rank-0-only ``torch.save(model.state_dict())`` as it could on DDP."""
-    return _is_fsdp1(model) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # ---- x in the parameters (context) ---------------------------------------------------------
@@ -112,40 +41,16 @@ def eval_weights(model: nn.Module, optimizer: Any) -> Iterator[nn.Module]:
         yield model
         return
     snapshot = _snapshot_y(optimizer) if isinstance(optimizer, ScheduleFreeOptimizer) else []
-    _drop_gathered_copies(model)
+    drop_gathered_copies(model)
     optimizer.eval()
     try:
         yield model
     finally:
-        _drop_gathered_copies(model)
+        drop_gathered_copies(model)
         optimizer.train()
         with torch.no_grad():
             for y, saved in snapshot:
                 y.copy_(saved)
-
-
-def _drop_gathered_copies(model: nn.Module) -> None:
-    """FSDP2 and FSDP1 keep some units' gathered weights after a no-grad forward (the root's, or
-    any that does not reshard after forward); a swap of the shards would not reach that copy and
-    the next forward would silently use the old weights, so free them."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-        elif isinstance(module, FullyShardedDataParallel):
-            _reshard_fsdp1(module)
-
-
-def _reshard_fsdp1(module: nn.Module) -> None:
-    """FSDP1 has no public reshard(): free a unit's gathered flat parameter through its handle,
-    as FSDP1 itself does after backward."""
-    from torch.distributed.fsdp._runtime_utils import _reshard
-    handle = module._handle
-    if handle is not None and handle.uses_sharded_strategy and not handle.needs_unshard():
-        _reshard(module, handle, free_unsharded_flat_param=True)
 
 
 def _snapshot_y(optimizer: ScheduleFreeOptimizer) -> list[tuple[Tensor, Tensor]]:
@@ -163,7 +68,7 @@ class _PresentX:
         self._live = live
 
     def __call__(self, value: Any) -> Any:
-        if not isinstance(value, Tensor) or _is_sharded_tensor(value):  # FSDP1's shards are copies
+        if not isinstance(value, Tensor) or is_sharded_tensor(value):  # FSDP1's shards are copies
             return value
         aliased = local(value).numel() > 0 and local(value).untyped_storage().data_ptr() in self._live
         return value.detach().clone() if aliased else value
@@ -185,7 +90,7 @@ class _DerivedX(_PresentX):
         self._by_storage = by_storage
 
     def _find(self, value: Any) -> Optional[tuple[Tensor, float, bool]]:
-        if not isinstance(value, Tensor) or _is_sharded_tensor(value):
+        if not isinstance(value, Tensor) or is_sharded_tensor(value):
             return None
         return self._by_storage.get(_storage_key(local(value)))
 
@@ -228,18 +133,13 @@ def _derived_x(optimizer: Any, values: Iterable[Any]) -> Optional[_DerivedX]:
             state = optimizer.state.get(p, {})
             if "z" in state and local(p).numel() > 0:
                 by_storage[_storage_key(local(p))] = (local(state["z"]), weight, bool(group["foreach"]))
-    seen = {_storage_key(local(v)) for v in values if isinstance(v, Tensor) and not _is_sharded_tensor(v)}
+    seen = {_storage_key(local(v)) for v in values if isinstance(v, Tensor) and not is_sharded_tensor(v)}
     return _DerivedX(by_storage) if seen.issuperset(by_storage) else None
-
-
-def _is_sharded_tensor(value: Any) -> bool:
-    """FSDP1's ShardedTensor (a Tensor subclass whose data lives in local_shards())."""
-    return hasattr(value, "local_shards")
 
 
 def _is_tensor(value: Any) -> bool:
     """A tensor value of a state dict (plain, DTensor or ShardedTensor), not an extra_state object."""
-    return isinstance(value, Tensor) or _is_sharded_tensor(value)
+    return isinstance(value, Tensor) or is_sharded_tensor(value)
 
 
 def _storage_key(t: Tensor) -> tuple:
@@ -260,7 +160,7 @@ def _x_state(model: nn.Module, optimizer: Any,
     if not optimizer.train_mode:  # the params hold x already
         yield read(), _PresentX(set())
         return
-    if isinstance(optimizer, ScheduleFreeOptimizer) and not _is_fsdp1(model):
+    if isinstance(optimizer, ScheduleFreeOptimizer) and not is_fsdp1(model):
         sd = read()
         derived = _derived_x(optimizer, sd.values())
         if derived is not None:
@@ -272,7 +172,7 @@ def _x_state(model: nn.Module, optimizer: Any,
 
 
 @contextlib.contextmanager
-def _own_state_dict_calls() -> Iterator[None]:
+def own_state_dict_calls() -> Iterator[None]:
     """Read the model's real state dict (y) even while an eval hook is registered."""
     before, _HOOKS_SUSPENDED[0] = _HOOKS_SUSPENDED[0], True
     try:
@@ -284,59 +184,8 @@ def _own_state_dict_calls() -> Iterator[None]:
 def _sharded_state_dict(model: nn.Module) -> dict[str, Any]:
     """Plain FQNs (no wrapper prefixes) to local-shard values: DTensor, ShardedTensor or Tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    with _own_state_dict_calls():
+    with own_state_dict_calls():
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
-
-
-def _gather_x(value: Any, x_of: _PresentX) -> Optional[Tensor]:
-    """The full x of ``value`` on rank 0 (None on the others); a collective for sharded values."""
-    if isinstance(value, DTensor) and _is_row_sharded(value):
-        return _rows_to_rank0(value, x_of)
-    value = x_of(value)
-    if isinstance(value, DTensor):
-        full = value.full_tensor()
-        return full if _rank() == 0 else None
-    if _is_sharded_tensor(value):
-        out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value)) if _rank() == 0 else None
-        value.gather(dst=0, out=out)
-        return out
-    return value if _rank() == 0 else None
-
-
-def _is_row_sharded(value: DTensor) -> bool:
-    """FSDP2's layout: dim-0 torch.chunk shards over a 1-D mesh that includes global rank 0."""
-    from torch.distributed.tensor import Shard
-    mesh = value.device_mesh
-    return mesh.ndim == 1 and tuple(value.placements) == (Shard(0),) and value.dim() > 0 \
-        and 0 in mesh.mesh.tolist()
-
-
-def _rows_to_rank0(value: DTensor, x_of: _PresentX) -> Optional[Tensor]:
-    """Send each rank's rows of x straight into rank 0's output, where rank 0 derives its own
-    rows in place: only rank 0 ever holds the whole tensor, once (full_tensor() would
-    all-gather it onto every rank)."""
-    group, shard = value.device_mesh.get_group(), value.to_local()
-    members = value.device_mesh.mesh.tolist()
-    rows, chunk = value.shape[0], -(-value.shape[0] // len(members))
-    if _rank() != 0:
-        if shard.numel() > 0:
-            dist.send(x_of.local_x(value).contiguous(), dst=0, group=group)
-        return None
-    out = torch.empty(value.shape, dtype=value.dtype, device=shard.device)
-    for i, member in enumerate(members):
-        lo, hi = min(i * chunk, rows), min((i + 1) * chunk, rows)
-        if hi == lo or out[lo:hi].numel() == 0:
-            continue
-        if member == 0:
-            x_of.into(value, out[lo:hi])
-        else:
-            dist.recv(out[lo:hi], src=member, group=group)
-    return out
-
-
-def _shard_device(value: Any) -> torch.device:
-    shards = value.local_shards()
-    return shards[0].tensor.device if shards else comm_device()
 
 
 # ---- public exports ----------------------------------------------------------------------------
@@ -349,8 +198,8 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
     FSDP2), ready for torch.distributed.checkpoint.
     """
     agreed_train_mode(optimizer)
-    if _is_deepspeed(model):
-        from .deepspeed import engine_state_dict
+    if is_deepspeed(model):
+        from .backends.deepspeed import engine_state_dict
         with eval_weights(model, optimizer):
             return engine_state_dict(model, full, cpu_offload)
     out: dict[str, Any] = {}
@@ -361,7 +210,7 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
                 continue
             if not _is_tensor(value):
                 continue  # extra_state objects: not weights
-            whole = _gather_x(value, x_of)
+            whole = gather_x(value, x_of)
             if whole is None:
                 continue
             if cpu_offload:
@@ -381,7 +230,7 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
     """
     agreed_train_mode(optimizer)
     path = os.fspath(path)
-    if _is_deepspeed(model):
+    if is_deepspeed(model):
         from safetensors.torch import save_file
         tensors = eval_state_dict(model, optimizer, full=True, cpu_offload=True)
         rank0_io(lambda: save_file({k: v.contiguous() for k, v in tensors.items()}, path,
@@ -389,12 +238,12 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
         return
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
-        writer = rank0_io(lambda: _SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
+        writer = rank0_io(lambda: SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
                           f"open {path} for writing")
         failed: list[OSError] = []
         try:
             for name, value in entries:
-                whole = _gather_x(value, x_of)
+                whole = gather_x(value, x_of)
                 if writer is not None and not failed:
                     try:
                         writer.write(name, whole)
@@ -410,51 +259,6 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
             raise failed[0]
 
     rank0_io(report, f"write {path}")  # every rank learns of a failed write; also the barrier
-
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-class _SafetensorsWriter:
-    """Streams tensors into the safetensors layout: 8-byte header size, JSON header, raw bytes.
-
-    The header is written first from shapes and dtypes alone, so no tensor needs to be held
-    while the others are gathered.
-    """
-
-    def __init__(self, path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
-        header: dict[str, Any] = {}
-        offset = 0
-        self._order = []
-        for name, dtype, shape in specs:
-            if dtype not in _ST_DTYPES:
-                raise TypeError(f"save_eval_weights: tensor {name!r} has dtype {dtype}, which safetensors "
-                                f"cannot store; supported: {sorted(map(str, _ST_DTYPES))}")
-            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._order.append((name, nbytes))
-            offset += nbytes
-        header["__metadata__"] = {"format": "pt"}  # what transformers' from_pretrained checks for
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self._next = 0
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        expected, nbytes = self._order[self._next]
-        if name != expected:
-            raise RuntimeError(f"safetensors stream out of order: got {name!r}, expected {expected!r}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != nbytes:
-            raise RuntimeError(f"tensor {name!r} has {data.numel()} bytes, its header says {nbytes}")
-        self._file.write(memoryview(data.numpy()))  # the tensor's own buffer: no second copy
-        self._next += 1
-
-    def close(self) -> None:
-        self._file.close()
 
 
 # ---- state_dict() hook ---------------------------------------------------------------------------
@@ -480,7 +284,7 @@ def register_eval_state_dict_hook(model: nn.Module, optimizer: Any) -> EvalState
         raise RuntimeError("an eval state_dict hook (or another state_dict override) is already on this "
                            "model: remove() the previous handle first")
     plain_state_dict = model.state_dict
-    sharded = _is_sharded(model)
+    sharded = is_sharded(model)
 
     def state_dict(*args: Any, **kwargs: Any) -> Any:
         if _HOOKS_SUSPENDED[0]:

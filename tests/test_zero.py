@@ -18,8 +18,8 @@ import sf_dist
 import sf_dist.checkpoint
 from dist import run_distributed
 from sf_dist.weights import eval_state_dict, eval_weights, register_eval_state_dict_hook, save_eval_weights
-from sf_dist.zero import ZeroScheduleFree
-from sf_dist.zero import buckets as zbuckets
+from sf_dist import ZeroScheduleFree
+from sf_dist.backends.zero import buckets as zbuckets
 
 RTOL, ATOL = 1e-5, 1e-6
 BATCH = 24  # divisible by W * micro-batches (W = 1..4, 1 or 2 micro-batches): mean losses average exactly
@@ -144,11 +144,11 @@ def _memory_and_traffic(rank, world):
             net(x[4:]).square().mean().backward()
             opt.step()
         sent = _count_collectives(one_step)
-        padded = sum(b.world * b.shard for b in opt._all_buckets())
-        nb = len(opt._all_buckets())
+        padded = sum(b.world * b.shard for b in opt.all_buckets())
+        nb = len(opt.all_buckets())
         assert nb > 1 and padded - total < world * nb, (nb, padded, total)
         held = opt.held_numel()
-        owned = sum(b.hi - b.lo for b in opt._all_buckets())
+        owned = sum(b.hi - b.lo for b in opt.all_buckets())
         assert held["state"] == 2 * owned and owned <= math.ceil(total / world) + nb, (held, owned, total)
         assert held["grad"] == owned and held["master"] == 0, held
         expected = {"reduce_scatter" if stage == 2 else "all_reduce": [padded, nb], "all_gather": [padded, nb],
@@ -262,7 +262,7 @@ def _exports_errors_bf16(rank, world, tmp):
     opt = ZeroScheduleFree(frozen.parameters())
     opt.train()
     _backward(frozen, 0, rank, world)
-    assert len(opt._all_buckets()) == 1 and opt._all_buckets()[0]._local is None, "not launched in backward"
+    assert len(opt.all_buckets()) == 1 and opt.all_buckets()[0]._local is None, "not launched in backward"
     opt.step()
     assert torch.equal(frozen.l1.weight, before)
 
@@ -296,8 +296,8 @@ def _exports_errors_bf16(rank, world, tmp):
     opt = ZeroScheduleFree(net.parameters(), lr=0.01)
     emu_opt.train()
     opt.train()
-    assert [b.master.dtype for b in opt._all_buckets()] == [torch.float32, torch.float32]
-    assert opt.held_numel()["master"] == opt._all_buckets()[0].hi - opt._all_buckets()[0].lo
+    assert [b.master.dtype for b in opt.all_buckets()] == [torch.float32, torch.float32]
+    assert opt.held_numel()["master"] == opt.all_buckets()[0].hi - opt.all_buckets()[0].lo
     for k in range(5):
         xb, yb = (t.float() for t in _data(k))
         for m in (net, emu):
@@ -310,14 +310,14 @@ def _exports_errors_bf16(rank, world, tmp):
         with torch.no_grad():
             for mp, p in zip(master, emu.parameters()):
                 p.copy_(mp)
-    for b, (mw, mb) in zip(opt._all_buckets(), (master[:2], master[2:])):
+    for b, (mw, mb) in zip(opt.all_buckets(), (master[:2], master[2:])):
         flat = torch.cat([mw.reshape(-1), mb.reshape(-1)])[b.lo:b.hi]
         torch.testing.assert_close(b.master, flat, rtol=RTOL, atol=ATOL, msg=lambda m: f"fp32 master: {m}")
     for a, c in zip(net.parameters(), emu.parameters()):
         assert torch.equal(a, c), "params are not the master rounded to their dtype"
     with torch.no_grad():  # weights loaded into the model after the optimizer was built are kept
         net[0].weight.add_(1.0)
-    b = opt._all_buckets()[0]
+    b = opt.all_buckets()[0]
     opt.eval()
     opt.train()
     torch.testing.assert_close(b.master, torch.cat([net[0].weight.reshape(-1), net[0].bias])[b.lo:b.hi].float())

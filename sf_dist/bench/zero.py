@@ -52,7 +52,7 @@ def _candidates(model: nn.Module) -> dict[str, Callable[[], tuple[nn.Module, Any
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import sf_dist
-    from sf_dist.zero import ZeroScheduleFree
+    from sf_dist import ZeroScheduleFree
 
     def ddp_adamw():
         ddp = DDP(copy.deepcopy(model))
@@ -104,9 +104,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any
             dist.barrier()
             start = time.perf_counter()
             nn.functional.cross_entropy(net(x), y).backward()
-            if hasattr(opt, "_sync_grads"):  # ZeroScheduleFree: the reduction still to wait for
+            if hasattr(opt, "sync_grads"):  # ZeroScheduleFree: the reduction still to wait for
                 after_backward = time.perf_counter()
-                opt._sync_grads()
+                opt.sync_grads()
                 waits[name].append(time.perf_counter() - after_backward)
             opt.step()
             elapsed = time.perf_counter() - start

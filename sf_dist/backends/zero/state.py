@@ -7,19 +7,18 @@ then load it at another world size, because buckets depend only on the params, n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .buckets import Bucket
 
-if TYPE_CHECKING:
-    from .buckets import Bucket
-    from .optimizer import ZeroScheduleFree
+# ``opt`` below is a ZeroScheduleFree (not imported: optimizer.py imports this module).
 
 
-def _keys(opt: "ZeroScheduleFree") -> list[str]:
+def _keys(opt: Any) -> list[str]:
     return ["z", *opt.inner.moment_keys]
 
 
@@ -27,7 +26,7 @@ def _group_values(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def _set_groups(opt: "ZeroScheduleFree", groups: list[dict[str, Any]]) -> None:
+def _set_groups(opt: Any, groups: list[dict[str, Any]]) -> None:
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"the state has {len(groups)} param groups, this optimizer {len(opt.param_groups)}: "
                          "build the optimizer with the same groups as the run that saved it")
@@ -37,38 +36,38 @@ def _set_groups(opt: "ZeroScheduleFree", groups: list[dict[str, Any]]) -> None:
         outer.update(values)
 
 
-def _shard_of(opt: "ZeroScheduleFree", b: "Bucket", key: str) -> Tensor:
+def _shard_of(opt: Any, b: Bucket, key: str) -> Tensor:
     """This rank's [lo, hi) of one state key, concatenated over the bucket's pieces (a copy)."""
     parts = [opt.inner.state[piece][key].reshape(-1) for _, piece in b.pieces]
     return torch.cat(parts) if parts else b.master.new_zeros(0)
 
 
-def _fill_pieces(opt: "ZeroScheduleFree", b: "Bucket", key: str, shard: Tensor) -> None:
+def _fill_pieces(opt: Any, b: Bucket, key: str, shard: Tensor) -> None:
     at = 0
     for _, piece in b.pieces:
         opt.inner.state[piece][key].reshape(-1).copy_(shard[at:at + piece.numel()])
         at += piece.numel()
 
 
-def _after_load(opt: "ZeroScheduleFree") -> None:
-    opt._saved_y = None
-    opt._publish()
+def _after_load(opt: Any) -> None:
+    opt.forget_saved_y()
+    opt.publish()
 
 
 # ---- per rank ----------------------------------------------------------------------------------
-def _layout(opt: "ZeroScheduleFree") -> list[list[int]]:
+def _layout(opt: Any) -> list[list[int]]:
     return [[b.numel for b in bs] for bs in opt.buckets]
 
 
-def rank_state_dict(opt: "ZeroScheduleFree") -> dict[str, Any]:
+def rank_state_dict(opt: Any) -> dict[str, Any]:
     """This rank's inner optimizer state, its separate fp32 masters, and the layout they fit."""
     return {"zero": {"world_size": opt.buckets[0][0].world, "rank": opt.buckets[0][0].rank,
                      "layout": _layout(opt)},
             "inner": opt.inner.state_dict(),
-            "master": [b.master for b in opt._all_buckets() if b.separate_master]}
+            "master": [b.master for b in opt.all_buckets() if b.separate_master]}
 
 
-def load_rank_state_dict(opt: "ZeroScheduleFree", sd: dict[str, Any]) -> None:
+def load_rank_state_dict(opt: Any, sd: dict[str, Any]) -> None:
     """Load rank_state_dict() output saved by this rank, or slice a full single-process dict."""
     if "zero" not in sd:
         _load_full(opt, sd)
@@ -81,14 +80,14 @@ def load_rank_state_dict(opt: "ZeroScheduleFree", sd: dict[str, Any]) -> None:
                          "consolidated_state_dict()")
     opt.inner.load_state_dict(sd["inner"])
     with torch.no_grad():
-        for b, m in zip([b for b in opt._all_buckets() if b.separate_master], sd["master"]):
+        for b, m in zip([b for b in opt.all_buckets() if b.separate_master], sd["master"]):
             b.master.copy_(m)
-    opt._pull_counters()
+    opt.pull_counters()
     _after_load(opt)
 
 
 @torch.no_grad()
-def _load_full(opt: "ZeroScheduleFree", sd: dict[str, Any]) -> None:
+def _load_full(opt: Any, sd: dict[str, Any]) -> None:
     """Every rank takes its slices of a single-process state dict (e.g. consolidated_state_dict)."""
     _set_groups(opt, sd["param_groups"])
     index = [i for g in sd["param_groups"] for i in g["params"]]
@@ -114,7 +113,7 @@ def _load_full(opt: "ZeroScheduleFree", sd: dict[str, Any]) -> None:
 
 # ---- consolidated (one rank gets everything) -------------------------------------------------------
 @torch.no_grad()
-def consolidated_state_dict(opt: "ZeroScheduleFree", to: int = 0) -> dict[str, Any]:
+def consolidated_state_dict(opt: Any, to: int = 0) -> dict[str, Any]:
     """Gather the full state to group rank ``to`` as a plain single-process state dict (on CPU)."""
     opt.inner.init_state()
     pg = opt.process_group
@@ -144,7 +143,7 @@ def consolidated_state_dict(opt: "ZeroScheduleFree", to: int = 0) -> dict[str, A
 
 
 # ---- sharded (torch.distributed.checkpoint) ----------------------------------------------------------
-def _mesh(opt: "ZeroScheduleFree", device_type: str):
+def _mesh(opt: Any, device_type: str):
     from torch.distributed.device_mesh import DeviceMesh
     meshes = opt.__dict__.setdefault("_meshes", {})
     if device_type not in meshes:
@@ -152,14 +151,14 @@ def _mesh(opt: "ZeroScheduleFree", device_type: str):
     return meshes[device_type]
 
 
-def _dtensor(opt: "ZeroScheduleFree", b: "Bucket", shard: Tensor):
+def _dtensor(opt: Any, b: Bucket, shard: Tensor):
     from torch.distributed.tensor import DTensor, Shard
     return DTensor.from_local(shard, _mesh(opt, shard.device.type), [Shard(0)], run_check=False,
                               shape=torch.Size([b.numel]), stride=(1,))
 
 
 @torch.no_grad()
-def sharded_state_dict(opt: "ZeroScheduleFree") -> dict[str, Any]:
+def sharded_state_dict(opt: Any) -> dict[str, Any]:
     """{"param_groups": scalars and hyperparameters, "buckets": {name: {key: DTensor}}}.
 
     The y of fp32/fp64 params is the model's own weights (saved with the model); bf16/fp16
@@ -177,7 +176,7 @@ def sharded_state_dict(opt: "ZeroScheduleFree") -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load_sharded_state_dict(opt: "ZeroScheduleFree", state: dict[str, Any]) -> None:
+def load_sharded_state_dict(opt: Any, state: dict[str, Any]) -> None:
     """Copy a sharded_state_dict() that DCP filled in place back into the optimizer, then publish y."""
     _set_groups(opt, state["param_groups"])
     opt.inner.init_state()

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .schedule import StepScalars
+from ..schedule import StepScalars
 
 IMPLS = ("single", "foreach", "fused")
 
@@ -92,7 +92,7 @@ def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
 
 
 # ---- fused: one pass over memory per tensor ----------------------------------------------------
-# On the CPU a small C++ kernel (sf_dist/csrc/fused_step.cpp, built on first use) steps a whole
+# On the CPU a small C++ kernel (cpu.cpp beside this file, built on first use) steps a whole
 # list in one call; elsewhere (CUDA) a torch.compile'd per-tensor function. Both take the step
 # scalars as one small tensor, so their per-step change never triggers a rebuild or recompile.
 
@@ -149,7 +149,7 @@ def _cpu_extension() -> None:
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     try:
-        load(name="sf_dist_fused_step", sources=[str(Path(__file__).parent / "csrc" / "fused_step.cpp")],
+        load(name="sf_dist_fused_step", sources=[str(Path(__file__).with_name("cpu.cpp"))],
              extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, ...
         raise RuntimeError(f"fused=True on the CPU needs to build a small C++ kernel and that failed ({e}); "

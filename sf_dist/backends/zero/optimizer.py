@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim import COUNTERS, AdamWScheduleFree, ScheduleFreeOptimizer
+from ...optim import COUNTERS, AdamWScheduleFree, ScheduleFreeOptimizer
 from . import state as zstate
 from .buckets import Bucket, plan
 
@@ -61,7 +61,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         self.inner = optimizer_class(inner_groups, **optimizer_defaults)
         self.inner.process_group = self.process_group  # ranks agree on mode and finite gradients
         super().__init__(groups, self.inner.defaults)
-        self._pull_counters()
+        self.pull_counters()
         self._where = {p: (b, i) for bs in self.buckets for b in bs for i, p in enumerate(b.params)}
         self._saved_y: Optional[list[Tensor]] = None
         self._accumulating = False
@@ -95,15 +95,15 @@ class ZeroScheduleFree(torch.optim.Optimizer):
             return
         self._check_params()
         if self._saved_y is not None:
-            for b, y in zip(self._all_buckets(), self._saved_y):
+            for b, y in zip(self.all_buckets(), self._saved_y):
                 b.master.copy_(y)
             for group in self.inner.param_groups:
                 group["train_mode"] = True
         else:
             self.inner.train()
         self._saved_y = None
-        self._pull_counters()
-        self._publish()
+        self.pull_counters()
+        self.publish()
 
     @torch.no_grad()
     def eval(self) -> None:
@@ -111,10 +111,10 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         if not self.train_mode:
             return
         self._check_params()
-        self._saved_y = [b.master.clone() for b in self._all_buckets()]
+        self._saved_y = [b.master.clone() for b in self.all_buckets()]
         self.inner.eval()
-        self._pull_counters()
-        self._publish()
+        self.pull_counters()
+        self.publish()
 
     # ---- gradients and step ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -138,15 +138,15 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         bucket.reap(block=False)
 
     @torch.no_grad()
-    def _sync_grads(self) -> None:
+    def sync_grads(self) -> None:
         """Reduce whatever backward left behind (un-hooked grads, partial buckets) and wait."""
         for p, (bucket, i) in self._where.items():
             if p.grad is not None:
                 bucket.add_grad(i, p.grad, sync=False)
                 p.grad = None
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             b.launch()
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             b.reap(block=True)
 
     @torch.no_grad()
@@ -155,8 +155,8 @@ class ZeroScheduleFree(torch.optim.Optimizer):
 
         Same rule as ``torch.nn.utils.clip_grad_norm_`` on the full, unsharded gradients.
         """
-        self._sync_grads()
-        grads = [b.grad for b in self._all_buckets() if b.grad is not None]
+        self.sync_grads()
+        grads = [b.grad for b in self.all_buckets() if b.grad is not None]
         device = self.buckets[0][0].flat.device
         norm_type = float(norm_type)
         if norm_type == float("inf"):
@@ -184,21 +184,21 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         if closure is not None and self.train_mode:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_grads()
+        self.sync_grads()
         self._check_params()
         self._push_hyperparameters()
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             b.attach_grads()
         self.inner.step()  # the agreement on mode and finiteness happens in here
-        self._pull_counters()
-        self._publish()
+        self.pull_counters()
+        self.publish()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the sharded gradients (and any local .grad), ready for the next backward."""
         for p in self._where:
             p.grad = None
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             b.zero_grad()
 
     # ---- state -------------------------------------------------------------------------------
@@ -226,19 +226,20 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         """Elements the optimizer holds on this rank: state, master copies, gradient shards."""
         held = {"state": sum(t.numel() for s in self.inner.state.values() for t in s.values()
                              if isinstance(t, Tensor)), "master": 0, "grad": 0}
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             for k, v in b.held_numel().items():
                 held[k] += v
         return held
 
     # ---- internals ---------------------------------------------------------------------------
-    def _all_buckets(self) -> list[Bucket]:
+    def all_buckets(self) -> list[Bucket]:
+        """Every bucket of every param group, in order."""
         return [b for bs in self.buckets for b in bs]
 
     @torch.no_grad()
     def _check_params(self) -> None:
         """Fail on params re-allocated behind our back; re-read masters of params written in place."""
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             for p, off in zip(b.params, b.offsets):
                 if p.numel() and p.data_ptr() != b.flat[off:].data_ptr():
                     raise RuntimeError(
@@ -248,8 +249,13 @@ class ZeroScheduleFree(torch.optim.Optimizer):
             if b.separate_master and not torch.equal(b.flat[b.lo:b.hi], b.master.to(b.flat.dtype)):
                 b.master.copy_(b.flat[b.lo:b.hi])  # e.g. model.load_state_dict() after construction
 
-    def _publish(self) -> None:
-        works = [b.publish() for b in self._all_buckets()]
+    def forget_saved_y(self) -> None:
+        """Drop the y kept by eval(): after a state load, train() re-derives y from the loaded x and z."""
+        self._saved_y = None
+
+    def publish(self) -> None:
+        """All-gather every bucket's updated slice into every rank's params."""
+        works = [b.publish() for b in self.all_buckets()]
         for w in works:
             if w is not None:
                 w.wait()
@@ -258,14 +264,15 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({k: v for k, v in outer.items() if k != "params" and k not in COUNTERS})
 
-    def _pull_counters(self) -> None:
+    def pull_counters(self) -> None:
+        """Copy the inner optimizer's step counters into our param_groups (what users and checkpoints read)."""
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             outer.update({k: inner[k] for k in COUNTERS})
 
     @torch.no_grad()
     def _broadcast_from_rank0(self) -> None:
         src = dist.get_global_rank(self.process_group, 0)
-        for b in self._all_buckets():
+        for b in self.all_buckets():
             dist.broadcast(b.flat, src=src, group=self.process_group)
             if b.separate_master:
                 b.master.copy_(b.flat[b.lo:b.hi])

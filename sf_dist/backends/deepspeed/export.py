@@ -1,0 +1,228 @@
+"""Offline export of x, the Schedule-Free eval weights, from a DeepSpeed ZeRO checkpoint.
+
+DeepSpeed's zero_to_fp32 rebuilds the fp32 masters, which hold y while training. This rebuilds
+them too, on a machine with no GPU and no process group, but first turns each rank's flat
+partition into x = lerp(y, z, 1 - 1/b1) with the b1 saved in its param group (a checkpoint saved
+in eval mode already holds x). Usage::
+
+    python -m sf_dist.export CHECKPOINT_DIR OUT.safetensors [--tag TAG]
+
+CHECKPOINT_DIR is the directory given to ``engine.save_checkpoint`` (the tag is read from its
+``latest`` file unless ``--tag`` names one) or a tag directory itself. OUT gets fp32 params and
+the module's buffers (as saved) under plain module names, ready for ``model.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import pickle
+import re
+from typing import Any, Optional
+
+import torch
+
+# Keys of DeepSpeed's checkpoint files (deepspeed/checkpoint/constants.py), kept here so that
+# exporting needs torch and safetensors only, not DeepSpeed.
+_OPTIM = "optimizer_state_dict"
+_BASE_STATE = "base_optimizer_state"
+_FP32_12 = "single_partition_of_fp32_groups"
+_FP32_3 = "fp32_flat_groups"
+_GROUP_PADDINGS = "group_paddings"
+_PARAM_PADDINGS = "param_alignment_paddings"
+_PARTITION_COUNT = "partition_count"
+_ZERO_STAGE = "zero_stage"
+
+
+def export(checkpoint_dir: str, out: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Write x from a DeepSpeed checkpoint to ``out`` (safetensors) and return it."""
+    from safetensors.torch import save_file
+
+    state = eval_state_dict_from_checkpoint(checkpoint_dir, tag)
+    save_file({k: v.contiguous() for k, v in _unshare(state).items()}, out)
+    return state
+
+
+def eval_state_dict_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """x of every trained param (fp32) plus buffers and frozen params, by plain module name."""
+    tag_dir = _tag_dir(checkpoint_dir, tag)
+    optim_files = _sorted_glob(tag_dir, "*_optim_states.pt")
+    if not optim_files:
+        raise FileNotFoundError(f"no *_optim_states.pt in {tag_dir}: this is not a ZeRO-1/2/3 checkpoint. At "
+                                "ZeRO-0 the model states file holds the plain model: load it into the engine and "
+                                "use sf_dist.save_eval_weights(engine, optimizer, path)")
+    if any("_mp_rank_00_" not in os.path.basename(f) for f in optim_files):
+        raise ValueError(f"{tag_dir} holds tensor- or pipeline-parallel shards (mp_rank > 0): only data-parallel "
+                         "ZeRO checkpoints can be exported, as with DeepSpeed's zero_to_fp32")
+    optim = [_load(f)[_OPTIM] for f in optim_files]
+    count = optim[0].get(_PARTITION_COUNT)
+    count = max(count) if isinstance(count, (list, tuple)) else count
+    if count is not None and count != len(optim):
+        raise ValueError(f"{tag_dir} has {len(optim)} *_optim_states.pt files but was saved by {count} ranks: "
+                         "a checkpoint overwritten in part, or one rank's save missing")
+    model_files = _sorted_glob(tag_dir, "*_model_states.pt")
+    model = _load(model_files[0])
+    stage3 = _FP32_3 in optim[0]
+    partitions = [_x_partitions(sd, stage3) for sd in optim]  # [rank][group] flat x
+
+    out: dict[str, torch.Tensor] = {}
+    buffers = set(model.get("buffer_names") or ())
+    out.update({name: value for name, value in model["module"].items() if name in buffers})
+    if model.get("frozen_param_shapes"):
+        out.update(_frozen(model, model_files, stage3))
+    if stage3:
+        out.update(_unflatten_stage3(partitions, model["param_shapes"]))
+    else:
+        out.update(_unflatten_stage12(partitions, model["param_shapes"], optim[0].get(_PARAM_PADDINGS)))
+    for alias, source in (model.get("shared_params") or {}).items():
+        if source in out:
+            out[alias] = out[source]
+    return out
+
+
+def _x_partitions(sd: dict[str, Any], stage3: bool) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions (padding removed at ZeRO-1/2), turned into x."""
+    if stage3:
+        masters, base = sd[_FP32_3], sd[_OPTIM]
+    else:
+        masters, base = sd[_FP32_12], sd[_BASE_STATE]
+        if isinstance(base, list):
+            raise ValueError("elastic ZeRO checkpoint: it keeps no Schedule-Free group scalars (k, betas, "
+                             "train_mode). Save with zero_optimization.elastic_checkpoint=false")
+        paddings = sd.get(_GROUP_PADDINGS) if _ZERO_STAGE not in sd else None  # BF16_Optimizer keeps padding
+        if paddings:
+            masters = [m[: m.numel() - pad] for m, pad in zip(masters, paddings)]
+    ids = [i for group in base["param_groups"] for i in group["params"]]
+    group_of = {i: group for group in base["param_groups"] for i in group["params"]}
+    if len(ids) != len(masters):
+        raise ValueError(f"checkpoint has {len(masters)} fp32 partitions but {len(ids)} optimizer params")
+    xs = []
+    for i, y in zip(ids, masters):
+        group, state = group_of[i], base["state"].get(i, {})
+        y = y.float()
+        if group.get("train_mode", False) and "z" in state:
+            b1 = group["betas"][0] if "betas" in group else group["momentum"]
+            y = y.lerp(state["z"][: y.numel()].float(), 1 - 1 / b1)
+        xs.append(y)
+    return xs
+
+
+def _unflatten_stage12(partitions: list[list[torch.Tensor]], param_shapes: list[dict],
+                       param_paddings: Optional[list[list[int]]]) -> dict[str, torch.Tensor]:
+    """ZeRO-1/2: a group is the concatenation of the ranks' partitions; params lie in order in it."""
+    out = {}
+    for g, shapes in enumerate(param_shapes):
+        flat = torch.cat([rank[g] for rank in partitions])
+        offset = 0
+        for j, (name, shape) in enumerate(shapes.items()):
+            n = math.prod(shape)
+            out[name] = flat[offset:offset + n].view(shape).clone()
+            offset += n + (param_paddings[g][j] if param_paddings else 0)
+        if offset > flat.numel():
+            raise ValueError(f"group {g}: params need {offset} elements, the partitions hold {flat.numel()}")
+    return out
+
+
+def _unflatten_stage3(partitions: list[list[torch.Tensor]], param_shapes: list[dict]) -> dict[str, torch.Tensor]:
+    """ZeRO-3: each param is cut into ceil(numel/W) pieces, one per rank, laid in order on each rank."""
+    world = len(partitions)
+    flats = [torch.cat(rank) for rank in partitions]
+    out, offset = {}, 0
+    for shapes in param_shapes:
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            piece = math.ceil(n / world)
+            out[name] = torch.cat([f[offset:offset + piece] for f in flats])[:n].view(shape).clone()
+            offset += piece
+    if offset != flats[0].numel():
+        raise ValueError(f"params use {offset} elements per rank, the partitions hold {flats[0].numel()}")
+    return out
+
+
+def _frozen(model: dict[str, Any], model_files: list[str], stage3: bool) -> dict[str, torch.Tensor]:
+    """Params DeepSpeed did not train: saved whole at ZeRO-1/2, as per-rank fragments at ZeRO-3."""
+    shapes = model["frozen_param_shapes"]
+    if not stage3:
+        return {name: model["frozen_param_fragments"][name].float() for name in shapes}
+    fragments = [_load(f)["frozen_param_fragments"]
+                 for f in model_files]
+    return {name: torch.cat([fr[name].flatten() for fr in fragments])[: math.prod(shape)].view(shape).float()
+            for name, shape in shapes.items()}
+
+
+class _Opaque:
+    """Stands in for DeepSpeed's own pickled objects (loss scaler, stage enum, slice mappings)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "deepspeed":  # not needed for the weights: export runs without DeepSpeed
+            return _Opaque
+        return super().find_class(module, name)
+
+
+class _PickleModule:
+    """``pickle_module`` for torch.load: the standard pickle, DeepSpeed's classes made opaque."""
+
+    Unpickler = _Unpickler
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _Unpickler(file, **kwargs).load()
+
+
+def _load(path: str) -> dict[str, Any]:
+    """A checkpoint file, memory-mapped: the moments and anything else unused are never read."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_PickleModule)
+
+
+def _tag_dir(checkpoint_dir: str, tag: Optional[str]) -> str:
+    if tag is not None:
+        return os.path.join(checkpoint_dir, tag)
+    latest = os.path.join(checkpoint_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(checkpoint_dir, f.read().strip())
+    if _sorted_glob(checkpoint_dir, "*_model_states.pt"):
+        return checkpoint_dir
+    raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file and no *_model_states.pt: pass the directory "
+                            "given to engine.save_checkpoint, a tag directory, or --tag")
+
+
+def _sorted_glob(directory: str, pattern: str) -> list[str]:
+    """Files sorted by rank number (rank 10 after rank 9)."""
+    key = lambda path: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
+    return sorted(glob.glob(os.path.join(directory, pattern)), key=key)
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give each name its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        out[name] = t.clone() if id(t) in seen else t
+        seen.add(id(t))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Command line entry: ``python -m sf_dist.export CHECKPOINT_DIR OUT.safetensors [--tag TAG]``."""
+    parser = argparse.ArgumentParser(prog="python -m sf_dist.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint_dir", help="directory given to engine.save_checkpoint, or a tag directory")
+    parser.add_argument("out", help="output .safetensors file (fp32 x under plain module names)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in CHECKPOINT_DIR/latest)")
+    args = parser.parse_args(argv)
+    state = export(args.checkpoint_dir, args.out, args.tag)
+    print(f"wrote {len(state)} tensors of x to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Rank helpers: is a process group up, which rank is this, and the small agreements every rank hears.
+
+Anything here is a collective when more than one rank is up: call it on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["multi_rank", "rank", "comm_device", "agreed_train_mode", "rank0_io"]
+
+
+def multi_rank() -> bool:
+    """Whether a process group of more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a small flag tensor must live for ``group``'s backend: CPU for gloo/MPI, else the
+    current accelerator (NCCL), whatever device this rank's params are on (it may own none)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:  # torch >= 2.6
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def agreed_train_mode(optimizer: Any) -> bool:
+    """The optimizer's mode, checked to be the same on every rank (one tiny all-reduce).
+
+    Raises RuntimeError when ranks disagree, so no export mixes x shards with y shards.
+    """
+    mode = bool(optimizer.train_mode)
+    if not multi_rank():
+        return mode
+    flags = torch.tensor([float(mode), -float(mode)], device=comm_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item() != -flags[1].item():
+        raise RuntimeError(
+            f"ranks disagree on the optimizer mode (rank {rank()} has train_mode={mode}, another "
+            "rank differs): call optimizer.train() or optimizer.eval() on every rank, not on one, "
+            "before exporting or checkpointing"
+        )
+    return mode
+
+
+def rank0_io(action: Callable[[], Any], what: str) -> Any:
+    """Run a file-system ``action`` on rank 0 and tell every rank whether it worked, so that a
+    bad path raises everywhere instead of leaving the other ranks waiting in a collective."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = action()
+        except OSError as e:
+            error = e
+    if multi_rank():
+        failed = torch.tensor([float(error is not None)], device=comm_device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise RuntimeError(f"rank 0 could not {what}; see rank 0's error")
+    if error is not None:
+        raise error
+    return result
