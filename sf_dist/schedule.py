@@ -27,6 +27,16 @@ class StepScalars:
     normalize: bool = False  # divide by sqrt(v/bc2)+eps (Adam) or take the raw gradient
 
     @property
+    def one_minus_beta2(self) -> float:
+        """1 - beta2 in float64: float32(1) - float32(0.999) is off by a relative 1.3e-5."""
+        return 1.0 - self.beta2 if self.beta2 is not None else 0.0
+
+    @property
+    def inv_bias_correction2(self) -> float:
+        """1 / (1 - beta2**(k+1)) in float64, so kernels multiply by a value rounded once."""
+        return 1.0 / self.bias_correction2
+
+    @property
     def shrink(self) -> float:
         """Multiplicative decay of y and z for decay_at="all" (1.0 otherwise)."""
         return 1.0 - self.lr * self.weight_decay if self.decay_at == "all" else 1.0

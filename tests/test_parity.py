@@ -172,3 +172,39 @@ def test_fused_low_precision_close_to_per_tensor(dtype, tol, fused_kernel, monke
         for x, y in zip(ps[0], ps[1]):
             assert x.dtype == dtype
             torch.testing.assert_close(x, y, **tol)
+
+
+# ---- the reference suite's own float32 test, over many seeds and every path ----------------------
+REFERENCE_SUITE = {  # schedulefree/test_schedulefree.py: lr 0.3, weight_decay 0.5, a 3x2 float32 weight
+    "adamw": (dict(lr=0.3, warmup_steps=5, weight_decay=0.5), 10),
+    "radam": (dict(lr=0.3, weight_decay=0.5), 20),
+}
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "cpu": dict(fused=True),
+         "compiled": dict(fused=True)}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", REFERENCE_SUITE)
+def test_float32_reference_suite_every_seed(kind, path, monkeypatch):
+    """float32 at the reference suite's settings and tolerance (rtol 1e-5, atol 1e-6), 100 seeds:
+    y, z after every step and x in eval mode all stay within it of schedulefree 1.4.1."""
+    if path == "compiled":
+        monkeypatch.setattr(kernels, "_on_cpu_kernel", lambda t: False)
+    hp, steps = REFERENCE_SUITE[kind]
+    failures = []
+    for seed in range(100):
+        torch.manual_seed(seed)
+        init = torch.randn(3, 2)
+        ours_p, ref_p = init.clone().requires_grad_(), init.clone().requires_grad_()
+        ours, ref = OURS[kind]([ours_p], **hp, **PATHS[path]), THEIRS[kind]([ref_p], **hp)
+        for _ in range(steps):
+            ours.train(), ref.train()
+            grad = torch.rand_like(init)
+            ours_p.grad, ref_p.grad = grad.clone(), grad.clone()
+            ours.step(), ref.step()
+            for mode in ("eval", "train"):
+                getattr(ours, mode)(), getattr(ref, mode)()
+                for a, b in ((ours_p, ref_p), (ours.state[ours_p]["z"], ref.state[ref_p]["z"])):
+                    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
+                        failures.append((seed, mode, (a - b).abs().max().item()))
+    assert not failures, f"{len(failures)} mismatches (seed, mode, max abs diff), first: {failures[:5]}"

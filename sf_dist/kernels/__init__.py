@@ -121,11 +121,13 @@ def _on_cpu_kernel(t: Tensor) -> bool:
 
 
 def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bias_correction2, eps, normalize]"""
+    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize],
+    each computed in float64 on the host and rounded once to ``dtype``."""
     additive = s.weight_decay if s.decay_at != "all" else 0.0
     values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
               additive if s.decay_at == "z" else 0.0, s.shrink,
-              s.beta2 if s.beta2 is not None else 0.0, s.bias_correction2, s.eps, float(s.normalize)]
+              s.beta2 if s.beta2 is not None else 0.0, s.one_minus_beta2, s.inv_bias_correction2, s.eps,
+              float(s.normalize)]
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -157,11 +159,11 @@ def _cpu_extension() -> None:
 
 
 def _compiled_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
-    lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bc2, eps, normalize = c.unbind()
+    lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, one_minus_beta2, inv_bc2, eps, normalize = c.unbind()
     y0 = y * shrink
     z0 = z * shrink
-    v1 = v * beta2 + g * g * (1 - beta2)
-    denom = torch.where(normalize > 0, torch.sqrt(v1 / bc2) + eps, torch.ones_like(v1))
+    v1 = v * beta2 + g * g * one_minus_beta2
+    denom = torch.where(normalize > 0, torch.sqrt(v1 * inv_bc2) + eps, torch.ones_like(v1))
     gn = g / denom + wd_y * y0 + wd_z * z0
     y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
     z.copy_(z0 - lr * gn)

@@ -10,13 +10,14 @@
 
 namespace {
 
-// c = [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, bias_correction2, eps, normalize]
+// c = [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize], each
+// computed in double on the host: here they are only rounded once to A (float for fp32/bf16/fp16).
 // HasV/Normalize are template arguments so that the inner loop has no branch and vectorises.
 template <typename T, typename A, bool HasV, bool Normalize>
 void update_range(T* __restrict y, const T* __restrict g, T* __restrict z, T* __restrict v,
                   int64_t begin, int64_t end, const double* c) {
   const A lr = c[0], ckp1 = c[1], y_coef = c[2], wd_y = c[3], wd_z = c[4], shrink = c[5];
-  const A beta2 = c[6], one_minus_beta2 = A(1) - A(c[6]), inv_bc2 = A(1) / A(c[7]), eps = c[8];
+  const A beta2 = c[6], one_minus_beta2 = c[7], inv_bc2 = c[8], eps = c[9];
   for (int64_t i = begin; i < end; ++i) {
     const A gi = static_cast<A>(g[i]);
     const A y0 = static_cast<A>(y[i]) * shrink;
@@ -45,7 +46,7 @@ void dispatch(T* y, const T* g, T* z, T* v, int64_t n, const double* c) {
   using A = at::opmath_type<T>;
   if (v == nullptr) {
     update<T, A, false, false>(y, g, z, v, n, c);
-  } else if (c[9] != 0.0) {
+  } else if (c[10] != 0.0) {
     update<T, A, true, true>(y, g, z, v, n, c);
   } else {
     update<T, A, true, false>(y, g, z, v, n, c);
@@ -54,7 +55,7 @@ void dispatch(T* y, const T* g, T* z, T* v, int64_t n, const double* c) {
 
 void step(const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& gs, const std::vector<at::Tensor>& zs,
           const std::vector<at::Tensor>& vs, const at::Tensor& constants) {
-  TORCH_CHECK(constants.scalar_type() == at::kDouble && constants.numel() == 10, "constants: 10 doubles");
+  TORCH_CHECK(constants.scalar_type() == at::kDouble && constants.numel() == 11, "constants: 11 doubles");
   TORCH_CHECK(vs.empty() || vs.size() == ys.size(), "exp_avg_sqs must be empty or match params");
   const double* c = constants.data_ptr<double>();
   for (size_t i = 0; i < ys.size(); ++i) {
