@@ -13,9 +13,9 @@ import torch.distributed as dist
 __all__ = ["multi_rank", "rank", "comm_device", "agreed_train_mode", "rank0_io"]
 
 
-def multi_rank() -> bool:
-    """Whether a process group of more than one rank is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def multi_rank(group: Optional[dist.ProcessGroup] = None) -> bool:
+    """Whether ``group`` (default: every rank) is an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def rank() -> int:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .distributed import comm_device
+from .distributed import comm_device, multi_rank
 
 NONFINITE = ("skip", "error", "ignore")
 
@@ -23,7 +23,7 @@ EVAL_MODE_MESSAGE = ("step() called in eval mode: the params hold x, not y. Call
 
 def first_nonfinite(grads: list[Tensor]) -> Optional[int]:
     """Index of the first gradient holding a NaN or Inf, None if all are finite (one pass over them)."""
-    if grads and all(g.device.type == "cpu" and g.is_contiguous() for g in grads) and kernels.cpu_kernel_available():
+    if grads and all(g.device.type == "cpu" and g.is_contiguous() for g in grads) and kernels.cpu_kernel_error() is None:
         index = torch.ops.sf_dist.first_nonfinite(grads)  # 10x faster than an inf-norm on the CPU
         return None if index < 0 else index
     nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]  # the inf-norm of nothing is undefined
@@ -36,16 +36,17 @@ def first_nonfinite(grads: list[Tensor]) -> Optional[int]:
     return nonempty[int((~finite).nonzero()[0])]
 
 
-def agree(bad: bool, eval_mode: bool, group: Optional[dist.ProcessGroup] = None) -> tuple[bool, bool]:
-    """(any rank has a non-finite gradient, any rank is in eval mode) over ``group``.
+def agree(*facts: bool, group: Optional[dist.ProcessGroup] = None) -> tuple[bool, ...]:
+    """Whether any rank of ``group`` holds each fact (e.g. a non-finite gradient, eval mode, no
+    fused kernel), in one small all-reduce.
 
     Without an initialised process group of more than one rank, the local facts are returned.
     ``group`` None means every rank: an optimizer stepped on some ranks only must be given the
     group of those ranks (``opt.process_group``) or use ``nonfinite="ignore"``.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return bad, eval_mode
-    flags = torch.tensor([float(bad), float(eval_mode)], device=comm_device(group))
+    if not multi_rank(group):
+        return facts
+    flags = torch.tensor([float(f) for f in facts], device=comm_device(group))
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    any_bad, any_eval = flags.tolist()
-    return bool(any_bad), bool(any_eval)
+    return tuple(bool(f) for f in flags.tolist())
+

@@ -7,6 +7,9 @@ or FSDP1 flat-parameter views, including empty shards.
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -47,8 +50,20 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             raise ValueError("foreach=True and fused=True are exclusive: pick one kernel path")
         defaults.update(k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
-        for group in self.param_groups:
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, then every hyperparameter and param of the new group checked."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
             _validate(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"Schedule-Free optimizers do not support complex parameters (got one of "
+                                     f"shape {tuple(p.shape)}, {p.dtype}): optimize torch.view_as_real(p) instead")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -122,18 +137,33 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """
         if self.nonfinite == "ignore" and not self.train_mode:
             raise RuntimeError(guard.EVAL_MODE_MESSAGE)
+        for i, group in enumerate(self.param_groups):  # values may have been changed in param_groups
+            _validate(group, where=f"param_groups[{i}]")
         loss = None
         if closure is not None and self.train_mode:
             with torch.enable_grad():
                 loss = closure()
         active = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        if self.nonfinite != "ignore" and self._skip(active):
+        for p in (p for params in active for p in params):
+            if p.grad.layout != torch.strided:
+                raise RuntimeError(f"Schedule-Free optimizers do not support sparse gradients (a param of shape "
+                                   f"{tuple(p.shape)} got a {p.grad.layout} gradient): use dense gradients, "
+                                   "e.g. nn.Embedding(..., sparse=False)")
+        lacks_kernel = self._lacks_cpu_kernel(active)
+        if self.nonfinite == "ignore":
+            if lacks_kernel and guard.multi_rank(self.process_group):
+                raise RuntimeError(f"{kernels.cpu_kernel_error()}. With nonfinite='ignore' the ranks do not "
+                                   "agree on a kernel, so this rank cannot fall back alone (its replicas would "
+                                   "drift apart): fix the build, or pass foreach=False on every rank")
+            skip = False
+        else:
+            skip, lacks_kernel = self._agree(active, lacks_kernel)
+        if skip:
             return loss
+        cpu_default = "single" if lacks_kernel else "fused"
         for group, params in zip(self.param_groups, active):
             ys, grads, zs, moments = [], [], [], []
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("Schedule-Free optimizers do not support sparse gradients")
                 state = self._state_for(p)
                 ys.append(local(p))
                 grads.append(local(p.grad))
@@ -143,21 +173,36 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             s = self.scalars(group)
             if ys:
                 kernels.step_(ys, grads, zs, moments if self.moment_keys else None, s,
-                              impl=_pick_impl(group, ys))
+                              impl=_pick_impl(group, ys, cpu_default))
             group["k"] += 1
         return loss
 
-    def _skip(self, active: list[list[Tensor]]) -> bool:
-        """Agree with every rank on mode and finiteness; True means skip this step (raises if asked)."""
+    def _lacks_cpu_kernel(self, active: list[list[Tensor]]) -> bool:
+        """Whether a group would take the default fused CPU path and the C++ kernel cannot be used here."""
+        wants = any(group["fused"] is None and group["foreach"] is None and params
+                    and local(params[0]).device.type == "cpu" for group, params in zip(self.param_groups, active))
+        return wants and kernels.cpu_kernel_error() is not None
+
+    def _agree(self, active: list[list[Tensor]], lacks_kernel: bool) -> tuple[bool, bool]:
+        """Agree with every rank on mode, finiteness and the CPU kernel in one all-reduce.
+
+        Returns (skip this step, some rank lacks the fused CPU kernel); raises where asked to.
+        """
         flat = [p for params in active for p in params]
         bad_index = guard.first_nonfinite([local(p.grad) for p in flat])
-        any_bad, any_eval = guard.agree(bad_index is not None, not self.train_mode, self.process_group)
+        any_bad, any_eval, any_lacks = guard.agree(bad_index is not None, not self.train_mode, lacks_kernel,
+                                                   group=self.process_group)
+        if any_lacks and not lacks_kernel:
+            _warn_once("another rank cannot build the fused C++ CPU kernel: every rank steps with the "
+                       "per-tensor kernel so that replicas stay identical")
+        elif lacks_kernel:
+            _warn_once(f"{kernels.cpu_kernel_error()}; every rank steps with the per-tensor kernel")
         if any_eval:
             raise RuntimeError(guard.EVAL_MODE_MESSAGE if not self.train_mode else
                                "step() refused: another rank is in eval mode while this one trains. "
                                "Every rank must call optimizer.train() before stepping.")
         if not any_bad:
-            return False
+            return False, any_lacks
         if self.nonfinite == "error":
             k = self.param_groups[0]["k"]
             if bad_index is None:
@@ -168,7 +213,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"non-finite gradient at step {k} in param_groups[{gi}]['params'][{pi}] "
                                f"(shape {tuple(p.shape)}); nonfinite='skip' would skip the step")
         self.skipped_steps += 1
-        return True
+        return True, any_lacks
 
 
 class AdamWScheduleFree(ScheduleFreeOptimizer):
@@ -247,37 +292,57 @@ def _adam_scalars(group: dict[str, Any], lr: float, normalize: bool) -> StepScal
                        eps=group["eps"], normalize=normalize)
 
 
-def _validate(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the first invalid hyperparameter of a group."""
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"Invalid learning rate: {group['lr']} (must be >= 0)")
-    if "eps" in group and not group["eps"] >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {group['eps']} (must be >= 0)")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (must be >= 0)")
+def _validate(group: dict[str, Any], where: str = "") -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a group (NaN and inf included)."""
+    at = f" in {where}" if where else ""
+
+    def number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False, why: str = "") -> None:
+        ok = isinstance(value, (numbers.Real, Tensor)) and math.isfinite(value) and not isinstance(value, bool)
+        ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+            raise ValueError(f"Invalid {key}: {value!r}{at} (must be a finite number in {interval}{why})")
+
+    number("learning rate", group["lr"], 0.0)
+    if "eps" in group:
+        number("epsilon value", group["eps"], 0.0)
+    number("weight_decay value", group["weight_decay"], 0.0)
+    number("r", group["r"], 0.0)
+    number("weight_lr_power", group["weight_lr_power"], 0.0)
     if "betas" in group:
         beta1, beta2 = group["betas"]
-        if not 0.0 < beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1} (must be in (0, 1); "
-                             "x = (y - (1-b1)*z)/b1 needs b1 > 0)")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2} (must be in [0, 1))")
-    if "momentum" in group and not 0.0 < group["momentum"] < 1.0:
-        raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in (0, 1); "
-                         "x = (y - (1-m)*z)/m needs m > 0)")
-    if "warmup_steps" in group and not group["warmup_steps"] >= 0:
-        raise ValueError(f"Invalid warmup_steps: {group['warmup_steps']} (must be >= 0)")
+        number("beta parameter at index 0", beta1, 0.0, 1.0, low_open=True, high_open=True,
+               why="; x = (y - (1-b1)*z)/b1 needs b1 > 0")
+        number("beta parameter at index 1", beta2, 0.0, 1.0, high_open=True)
+    if "momentum" in group:
+        number("momentum value", group["momentum"], 0.0, 1.0, low_open=True, high_open=True,
+               why="; x = (y - (1-m)*z)/m needs m > 0")
+    if "warmup_steps" in group:
+        steps = group["warmup_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"Invalid warmup_steps: {steps!r}{at} (must be an integer >= 0)")
     if group["decay_at"] not in DECAY_AT:
-        raise ValueError(f"Invalid decay_at: {group['decay_at']!r} (expected one of {DECAY_AT})")
+        raise ValueError(f"Invalid decay_at: {group['decay_at']!r}{at} (expected one of {DECAY_AT})")
 
 
-def _pick_impl(group: dict[str, Any], tensors: list[Tensor]) -> str:
-    """The kernel path: the one asked for; by default fused on the CPU (a C++ kernel built once,
-    as fast as torch's fused AdamW) and foreach on accelerators (no compile time)."""
+def _pick_impl(group: dict[str, Any], tensors: list[Tensor], cpu_default: str = "fused") -> str:
+    """The kernel path: the one asked for; by default ``cpu_default`` on the CPU (the fused C++
+    kernel, as fast as torch's fused AdamW, unless some rank cannot build it) and foreach on
+    accelerators (no compile time)."""
     if group["fused"]:
         return "fused"
     if group["foreach"] is not None:
         return "foreach" if group["foreach"] else "single"
     if tensors[0].device.type == "cpu":
-        return "fused" if kernels.cpu_kernel_available() else "single"
+        return cpu_default
     return "foreach"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)

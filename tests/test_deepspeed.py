@@ -7,6 +7,7 @@ masters, hence rtol 1e-4 / atol 1e-6. Each spawn (W=2, gloo) groups many engines
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ schedulefree = pytest.importorskip("schedulefree")
 
 import sf_dist  # noqa: E402
 from sf_dist import deepspeed as sfds  # noqa: E402
+from sf_dist.backends import deepspeed as ds_backend  # noqa: E402
 from sf_dist.export import eval_state_dict_from_checkpoint, main as export_main  # noqa: E402
 from dist import run_distributed  # noqa: E402
 
@@ -308,7 +310,7 @@ def _full_z(engine, p: torch.Tensor) -> torch.Tensor:
     """z of one model param, gathered to full size (collective at ZeRO-1/2/3)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    masters = sfds._stage0_masters(engine.optimizer)
+    masters = ds_backend._stage0_masters(engine.optimizer)
     if id(p) in masters:
         return _base(engine.optimizer).state[masters[id(p)]]["z"]
     return safe_get_full_optimizer_state(p, "z").reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
@@ -341,31 +343,56 @@ LOW_PRECISION = {  # case: (config, expected DeepSpeed wrapper under our mixin)
 }
 
 
+def fp16_unsupported() -> str | None:
+    """Why DeepSpeed cannot run fp16 on this machine (None if it can): its CPU accelerator allows fp16
+    only where oneDNN has fp16 kernels, true on some Intel Xeons, false on e.g. AMD EPYC."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        return None
+    return (f"DeepSpeed's {get_accelerator()._name} accelerator reports no fp16 on this CPU "
+            "(torch.ops.mkldnn._is_mkldnn_fp16_supported() is False)")
+
+
 def _low_precision_worker(rank: int, world: int, ckpt_root: str) -> dict:
-    """bf16/fp16 at ZeRO-0..3 (and DeepSpeed's BF16 optimizer): eval() puts x in the masters and the model."""
+    """bf16/fp16 at ZeRO-0..3 (and DeepSpeed's BF16 optimizer): eval() puts x in the masters and the model.
+
+    Each case reports on its own: one that this machine cannot run, or that fails, leaves the others."""
     results = {}
-    for case, (cfg, _) in LOW_PRECISION.items():
-        engine, opt = _engine(cfg)
-        opt.train()
-        rec = results[case] = {"wrapper": type(opt).__name__, "losses": _train(engine, rank, range(STEPS))}
-        rec["skipped"], rec["counters"] = engine.skipped_steps, _counters(opt)
-        y = sfds.engine_state_dict(engine)
-        z = {n: _full_z(engine, p) for n, p in engine.module.named_parameters()}
-        if not case.endswith("-0"):  # ZeRO-1..3 checkpoints, saved in train mode, for the offline export
-            engine.save_checkpoint(os.path.join(ckpt_root, case))
-        rec["api_x"] = sf_dist.eval_state_dict(engine, opt)  # fp32 x from the masters, y back after
-        opt.eval()
-        rec["x"] = sfds.engine_state_dict(engine)
-        rec["model_at_eval"] = _model_weights(engine)
-        dtype = rec["model_dtype"] = engine.module.fc1.weight.dtype
-        with torch.no_grad():
-            rec["out_finite"] = bool(torch.isfinite(engine(X_TEST.to(dtype)).float()).all())
-        opt.train()
-        rec["y_round_trip"] = sfds.engine_state_dict(engine)
-        rec["model_at_train"] = _model_weights(engine)
-        if rank == 0:
-            rec["y"], rec["z"] = y, {n: t.cpu().float() for n, t in z.items()}
+    for case in LOW_PRECISION:
+        if case.startswith("fp16") and fp16_unsupported():
+            results[case] = {"skip": fp16_unsupported()}
+            continue
+        try:
+            results[case] = _low_precision_case(rank, case, ckpt_root)
+        except Exception:
+            results[case] = {"error": traceback.format_exc()}
     return results
+
+
+def _low_precision_case(rank: int, case: str, ckpt_root: str) -> dict:
+    cfg = LOW_PRECISION[case][0]
+    engine, opt = _engine(cfg)
+    opt.train()
+    rec = {"wrapper": type(opt).__name__, "losses": _train(engine, rank, range(STEPS))}
+    rec["skipped"], rec["counters"] = engine.skipped_steps, _counters(opt)
+    y = sfds.engine_state_dict(engine)
+    z = {n: _full_z(engine, p) for n, p in engine.module.named_parameters()}
+    if not case.endswith("-0"):  # ZeRO-1..3 checkpoints, saved in train mode, for the offline export
+        engine.save_checkpoint(os.path.join(ckpt_root, case))
+    rec["api_x"] = sf_dist.eval_state_dict(engine, opt)  # fp32 x from the masters, y back after
+    opt.eval()
+    rec["x"] = sfds.engine_state_dict(engine)
+    rec["model_at_eval"] = _model_weights(engine)
+    dtype = rec["model_dtype"] = engine.module.fc1.weight.dtype
+    with torch.no_grad():
+        rec["out_finite"] = bool(torch.isfinite(engine(X_TEST.to(dtype)).float()).all())
+    opt.train()
+    rec["y_round_trip"] = sfds.engine_state_dict(engine)
+    rec["model_at_train"] = _model_weights(engine)
+    if rank == 0:
+        rec["y"], rec["z"] = y, {n: t.cpu().float() for n, t in z.items()}
+    return rec
 
 
 # ---- tests --------------------------------------------------------------------------------
@@ -522,9 +549,18 @@ def low_precision_runs(tmp_path_factory):
     return run_distributed(_low_precision_worker, WORLD, str(root), timeout=240), root
 
 
+def _low_precision_record(runs, case: str) -> dict:
+    """Rank 0's record of one case; skipped with the reason where this machine cannot run it."""
+    for rank, rec in enumerate(runs[0]):
+        if "skip" in rec[case]:
+            pytest.skip(rec[case]["skip"])
+        assert "error" not in rec[case], f"rank {rank}, {case}:\n{rec[case]['error']}"
+    return runs[0][0][case]
+
+
 @pytest.mark.parametrize("case", list(LOW_PRECISION))
 def test_low_precision_eval_puts_rounded_x_in_the_model(low_precision_runs, case):
-    rec = low_precision_runs[0][0][case]
+    rec = _low_precision_record(low_precision_runs, case)
     dtype = torch.bfloat16 if case.startswith("bf16") else torch.float16
     assert rec["model_dtype"] == dtype and rec["out_finite"]
     assert rec["wrapper"] == "ScheduleFree" + LOW_PRECISION[case][1]
@@ -544,7 +580,7 @@ def test_low_precision_eval_puts_rounded_x_in_the_model(low_precision_runs, case
 
 @pytest.mark.parametrize("case", list(LOW_PRECISION))
 def test_skipped_overflow_steps_do_not_advance_the_schedule(low_precision_runs, case):
-    rec = low_precision_runs[0][0][case]
+    rec = _low_precision_record(low_precision_runs, case)
     assert rec["skipped"] >= 1 if case.endswith("overflow") else rec["skipped"] == 0
     assert [c[0] for c in rec["counters"]] == [STEPS - rec["skipped"]] * 2
 
@@ -552,6 +588,7 @@ def test_skipped_overflow_steps_do_not_advance_the_schedule(low_precision_runs, 
 @pytest.mark.parametrize("case", [c for c in LOW_PRECISION if not c.endswith("-0")])
 def test_offline_export_of_low_precision_checkpoints(low_precision_runs, case):
     ranks, root = low_precision_runs
+    _low_precision_record(low_precision_runs, case)
     _close(eval_state_dict_from_checkpoint(str(root / case)), ranks[0][case]["x"], rtol=1e-6, atol=1e-7)
 
 

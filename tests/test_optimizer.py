@@ -1,6 +1,7 @@
 """Optimizer behaviour beyond the numerics: validation, modes, lazy state, state dicts both ways."""
 
 import copy
+import os
 
 import pytest
 import schedulefree
@@ -59,6 +60,18 @@ def _assert_same(a, b):
     (sf_dist.AdamWScheduleFree, dict(warmup_steps=-3), "Invalid warmup_steps: -3"),
     (sf_dist.AdamWScheduleFree, dict(decay_at="x"), "Invalid decay_at: 'x'"),
     (sf_dist.AdamWScheduleFree, dict(foreach=True, fused=True), "foreach=True and fused=True are exclusive"),
+    (sf_dist.AdamWScheduleFree, dict(lr=float("inf")), "Invalid learning rate: inf"),
+    (sf_dist.AdamWScheduleFree, dict(lr=float("nan")), "Invalid learning rate: nan"),
+    (sf_dist.AdamWScheduleFree, dict(weight_decay=float("inf")), "Invalid weight_decay value: inf"),
+    (sf_dist.AdamWScheduleFree, dict(eps=float("nan")), "Invalid epsilon value: nan"),
+    (sf_dist.AdamWScheduleFree, dict(r=float("nan")), "Invalid r: nan"),
+    (sf_dist.SGDScheduleFree, dict(r=float("inf")), "Invalid r: inf"),
+    (sf_dist.RAdamScheduleFree, dict(weight_lr_power=float("nan")), "Invalid weight_lr_power: nan"),
+    (sf_dist.AdamWScheduleFree, dict(weight_lr_power=float("-inf")), "Invalid weight_lr_power: -inf"),
+    (sf_dist.AdamWScheduleFree, dict(warmup_steps=float("inf")), "Invalid warmup_steps: inf"),
+    (sf_dist.AdamWScheduleFree, dict(warmup_steps=2.5), "Invalid warmup_steps: 2.5"),
+    (sf_dist.AdamWScheduleFree, dict(betas=(0.9, float("nan"))), "Invalid beta parameter at index 1: nan"),
+    (sf_dist.SGDScheduleFree, dict(momentum=float("nan")), "Invalid momentum value: nan"),
 ])
 def test_invalid_hyperparameters_name_the_value(cls, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -69,6 +82,43 @@ def test_invalid_value_in_a_param_group_is_caught():
     model = _model()
     with pytest.raises(ValueError, match="Invalid learning rate: -0.5"):
         sf_dist.AdamWScheduleFree([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": -0.5}])
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("lr", float("inf")), ("weight_decay", -1.0),
+                                       ("r", float("nan")), ("warmup_steps", 1.5), ("betas", (0.9, float("inf")))])
+def test_invalid_value_written_into_param_groups_is_refused_at_step_and_changes_nothing(key, value):
+    model = _model()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.05)
+    opt.train()
+    _train(model, opt, 2)
+    opt.param_groups[0][key] = value
+    x, y = _batch(9)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"in param_groups\[0\]") as err:
+        opt.step()
+    assert repr(value if key != "betas" else value[1]) in str(err.value)
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_complex_params_and_sparse_gradients_get_our_own_message():
+    with pytest.raises(ValueError, match=r"do not support complex parameters .*complex64.*view_as_real"):
+        sf_dist.AdamWScheduleFree([torch.zeros(2, 3, dtype=torch.complex64, requires_grad=True)])
+    real = torch.zeros(3, requires_grad=True)
+    opt = sf_dist.AdamWScheduleFree([real])
+    with pytest.raises(ValueError, match="complex parameters"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex128, requires_grad=True)]})
+    assert len(opt.param_groups) == 1  # the refused group was not kept
+    for nonfinite in ("skip", "error", "ignore"):
+        emb = torch.nn.Embedding(5, 3, sparse=True)
+        opt = sf_dist.SGDScheduleFree(emb.parameters(), nonfinite=nonfinite)
+        opt.train()
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = emb.weight.detach().clone()
+        with pytest.raises(RuntimeError, match=r"do not support sparse gradients \(a param of shape \(5, 3\) got a "
+                                               r"torch.sparse_coo gradient\)"):
+            opt.step()
+        assert torch.equal(before, emb.weight) and not opt.state
 
 
 @pytest.mark.parametrize("cls", [sf_dist.AdamWScheduleFree, sf_dist.SGDScheduleFree, sf_dist.RAdamScheduleFree])
@@ -226,3 +276,92 @@ def test_default_kernel_path_is_fused_on_cpu_and_explicit_choices_win():
     assert _pick_impl(dict(group, foreach=False), t) == "single"
     assert _pick_impl(dict(group, foreach=True), t) == "foreach"
     assert _pick_impl(dict(group, fused=True), t) == "fused"
+
+
+def _one_rank_without_cpu_kernel(rank, world_size, build_dir):
+    """Rank 1 has no working compiler (a fresh extensions dir and CXX pointing nowhere), so it cannot
+    build the fused C++ kernel that rank 0 loads: the replicas must still step identically."""
+    import warnings
+
+    if rank == 1:
+        os.environ["CXX"] = "/nonexistent/c++"
+        os.environ["TORCH_EXTENSIONS_DIR"] = build_dir
+    from sf_dist import kernels
+
+    out = {"kernel_error": kernels.cpu_kernel_error()}
+    torch.manual_seed(0)
+    runs = {}
+    for name, kwargs in (("default", {}), ("per_tensor", dict(foreach=False))):
+        model = _model().float()
+        opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.05, weight_decay=0.1, **kwargs)
+        opt.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in range(20):
+                x, y = _batch(k)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x.float()), y.float()).backward()
+                opt.step()
+        runs[name] = [p.detach().clone() for p in model.parameters()]
+        out[f"{name}_warnings"] = [str(w.message) for w in caught]
+    out.update(runs)
+    if rank == 0:  # the check can fail: in float32 the fused kernel rounds differently from per-tensor
+        model = _model().float()
+        opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.05, weight_decay=0.1, fused=True,
+                                        nonfinite="ignore")  # rank 0 alone: no agreement collective
+        opt.train()
+        for k in range(20):
+            x, y = _batch(k)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x.float()), y.float()).backward()
+            opt.step()
+        out["fused"] = [p.detach().clone() for p in model.parameters()]
+    model = _model().float()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), nonfinite="ignore")
+    opt.train()
+    torch.nn.functional.mse_loss(model(_batch(0)[0].float()), _batch(0)[1].float()).backward()
+    try:
+        opt.step()
+        out["ignore_error"] = None
+    except RuntimeError as e:
+        out["ignore_error"] = str(e)
+    return out
+
+
+def test_ranks_agree_on_the_kernel_when_one_cannot_build_it(tmp_path):
+    r0, r1 = run_distributed(_one_rank_without_cpu_kernel, 2, str(tmp_path / "no_compiler"), timeout=300)
+    assert r0["kernel_error"] is None and "needs to build a small C++ kernel and that failed" in r1["kernel_error"]
+    assert not all(torch.equal(a, b) for a, b in zip(r0["fused"], r0["per_tensor"]))  # the paths do differ
+    for a, b, c in zip(r0["default"], r1["default"], r0["per_tensor"]):
+        assert torch.equal(a, b) and torch.equal(a, c)  # both ranks took the per-tensor path
+    assert any("another rank cannot build the fused C++ CPU kernel" in w for w in r0["default_warnings"])
+    assert any("every rank steps with the per-tensor kernel" in w for w in r1["default_warnings"])
+    assert r0["ignore_error"] is None  # no agreement without a collective: the rank that differs raises
+    assert "nonfinite='ignore'" in r1["ignore_error"] and "foreach=False on every rank" in r1["ignore_error"]
+    assert r1["kernel_error"] in r1["ignore_error"]
+
+
+def _zero_refusals(rank, world_size):
+    model = _model()
+    out = {}
+    try:
+        sf_dist.ZeroScheduleFree([{"params": list(model.parameters())}, {"params": [model[0].weight]}])
+    except ValueError as e:
+        out["twice"] = str(e)
+    emb = torch.nn.Embedding(4, 3, sparse=True).double()
+    opt = sf_dist.ZeroScheduleFree(emb.parameters())
+    opt.train()
+    try:
+        emb(torch.tensor([0, 1])).sum().backward()
+        opt.step()
+    except RuntimeError as e:
+        out["sparse"] = str(e)
+    return out
+
+
+def test_zero_names_a_param_listed_twice_and_a_sparse_gradient():
+    for r in run_distributed(_zero_refusals, 2):
+        assert r["twice"] == ("param 0 of group 1 (shape (5, 6)) is also param 0 of group 0: "
+                              "pass each parameter once")
+        assert "ZeroScheduleFree does not support sparse gradients (a param of shape (4, 3) got a " \
+               "torch.sparse_coo gradient)" in r["sparse"]

@@ -12,7 +12,6 @@ run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths
 from __future__ import annotations
 
 import functools
-import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -132,14 +131,13 @@ def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -
 
 
 @functools.cache
-def cpu_kernel_available() -> bool:
-    """Whether the fused C++ CPU kernel builds here; warns once and says False if it does not."""
+def cpu_kernel_error() -> Optional[str]:
+    """Why the fused C++ CPU kernel cannot be used in this process (None when it builds and loads)."""
     try:
         _cpu_extension()
-        return True
+        return None
     except RuntimeError as e:
-        warnings.warn(f"{e}; falling back to the per-tensor kernel", stacklevel=2)
-        return False
+        return str(e)
 
 
 @functools.cache

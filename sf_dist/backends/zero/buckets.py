@@ -86,6 +86,10 @@ class Bucket:
     # ---- gradients ---------------------------------------------------------------------------
     def add_grad(self, i: int, grad: Tensor, sync: bool) -> None:
         """Accumulate param i's local gradient; with ``sync``, launch once every param reported."""
+        if grad.layout != torch.strided:
+            raise RuntimeError(f"ZeroScheduleFree does not support sparse gradients (a param of shape "
+                               f"{tuple(self.params[i].shape)} got a {grad.layout} gradient): use dense "
+                               "gradients, e.g. nn.Embedding(..., sparse=False)")
         if self._local is None:
             self._local = torch.empty_like(self.flat)
             self._fresh = [False] * len(self.params)

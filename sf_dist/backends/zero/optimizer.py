@@ -284,11 +284,16 @@ def _normalize(params: Iterable[Any]) -> list[dict[str, Any]]:
     if not params:
         raise ValueError("ZeroScheduleFree got an empty parameter list")
     groups = params if isinstance(params[0], dict) else [{"params": params}]
-    out = []
+    out, seen = [], {}
     for i, g in enumerate(groups):
         ps = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
         if not ps:
             raise ValueError(f"param group {i} has no parameters; drop it or give it some")
+        for j, p in enumerate(ps):
+            if id(p) in seen:
+                raise ValueError(f"param {j} of group {i} (shape {tuple(p.shape)}) is also param {seen[id(p)][1]} "
+                                 f"of group {seen[id(p)][0]}: pass each parameter once")
+            seen[id(p)] = (i, j)
         out.append({**g, "params": ps})
     return out
 
