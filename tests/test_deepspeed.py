@@ -450,8 +450,10 @@ def test_checkpoint_resumes_on_the_same_trajectory(fp32_runs, stage):
     _close(rec["resumed_x4"], rec["x4"], rtol=0, atol=0)
     for rank in ranks:
         torch.testing.assert_close(rank[stage]["resumed_out4"].double(), ref4["out"], rtol=RTOL, atol=ATOL)
-    _close(rec["resumed_y"], rec["y"], rtol=0, atol=0)
-    _close(rec["reloaded_in_eval_y"], rec["y"], rtol=0, atol=0)  # not the stale y that eval() kept
+    # Both loads of the eval-mode save re-derive y = lerp(x, z, 1-b1): bitwise the same as each other,
+    # and one fp32 rounding (then 4 steps) from the uninterrupted y that eval()/train() restored exactly.
+    _close(rec["resumed_y"], rec["reloaded_in_eval_y"], rtol=0, atol=0)
+    _close(rec["resumed_y"], rec["y"], rtol=1e-6, atol=1e-8)  # not the stale y that eval() kept
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
