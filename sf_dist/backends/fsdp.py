@@ -86,7 +86,7 @@ def gather_x(value: Any, x_of: XSource) -> Optional[Tensor]:
         return full if rank() == 0 else None
     if is_sharded_tensor(value):
         out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value)) if rank() == 0 else None
-        value.gather(dst=0, out=out)
+        value.gather(dst=0, out=out, dtype=value.dtype)  # else float32 buffers: float64 would be rounded
         return out
     return value if rank() == 0 else None
 
