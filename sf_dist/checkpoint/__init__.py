@@ -61,8 +61,9 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
     state = _state(model, optimizer)
     try:
         dcp.save(state, checkpoint_id=tmp)  # rank 0 writes .metadata last
-    except CheckpointException as e:
-        raise RuntimeError(f"checkpoint {path!r} could not be written: {_cause(e)}") from None
+    except CheckpointException as e:  # torch's writer can hide ENOSPC ("unexpected pos"): say what is free
+        raise _ordinary(e, f"checkpoint {path!r} could not be written ({shutil.disk_usage(tmp).free} bytes "
+                           f"free on the disk holding {tmp})") from None
     mine = every_rank_io(lambda: _checksums(tmp), f"checksum {tmp}")
     sums = _merged(mine)
     manifest = {"format": FORMAT, "step": _step(optimizer), "saved_at": time.time(),
@@ -92,7 +93,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     try:
         dcp.load(state, storage_reader=SafeReader(path, manifest["files"]), planner=SafePlanner(path))
     except CheckpointException as e:
-        raise RuntimeError(f"checkpoint {path!r} could not be loaded into this model/optimizer: {_cause(e)}") from None
+        raise _ordinary(e, f"checkpoint {path!r} could not be loaded into this model/optimizer") from None
     set_model_state_dict(model, state["model"])
     if hasattr(optimizer, "load_sharded_state_dict"):
         optimizer.load_sharded_state_dict(state["optim"])
@@ -262,18 +263,20 @@ def _newest_complete(paths: list[str]) -> Optional[str]:
 
 
 def _resolve(path: str) -> tuple[str, dict[str, Any]]:
-    """``path`` and its manifest; for a save killed between renames, its newest complete leftover."""
-    if not os.path.exists(path):
-        survivor = _newest_complete([path + ".tmp", path + ".old"])
-        if survivor is not None:
-            log.warning("checkpoint %s is missing: a save was interrupted between renames; loading %s", path, survivor)
-            return survivor, _complete(survivor)
+    """``path`` and its manifest, or the newest complete of ``path``, ``<path>.tmp`` and
+    ``<path>.old``: a save killed after its manifest was written but before its renames finished."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)) \
             and os.path.exists(os.path.join(path, METADATA)):
         raise RuntimeError(f"{path!r} is a DCP checkpoint without {MANIFEST} (written by another tool or an older "
                            "sf_dist that pickled extra): sf_dist.checkpoint.load refuses it, since it cannot be "
                            "loaded without trusting pickled code")
-    return path, _complete(path)
+    survivor = _newest_complete([path, path + ".tmp", path + ".old"])
+    if survivor is None:
+        return path, _complete(path)  # raises, naming what is missing or damaged
+    if survivor != path:
+        log.warning("checkpoint %s: a save was interrupted between its renames; loading the newest complete "
+                    "copy, %s", path, survivor)
+    return survivor, _complete(survivor)
 
 
 def _check_optimizer(path: str, manifest: dict[str, Any], optimizer: Any) -> None:
@@ -334,10 +337,21 @@ def _read_extra(path: str, manifest: dict[str, Any]) -> Any:
         return decode(json.load(f))
 
 
-def _cause(error: BaseException) -> str:
-    """The last line of a DCP CheckpointException (per-rank tracebacks; the last line names the cause)."""
+def _ordinary(error: CheckpointException, what: str) -> Exception:
+    """DCP's CheckpointException (a BaseException holding every rank's error) as an ordinary one:
+    the first rank's refusal of an unsafe file keeps its type, anything else is a RuntimeError
+    that names the rank and the cause."""
+    failures = sorted(getattr(error, "failures", {}).items())
+    for r, wrapped in failures:
+        cause = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        if isinstance(cause, UnsafeCheckpointError):
+            return UnsafeCheckpointError(str(cause))
+    if failures:
+        r, wrapped = failures[0]
+        cause = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return RuntimeError(f"{what}: rank {r}: {type(cause).__name__}: {cause}")
     lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
+    return RuntimeError(f"{what}: {lines[-1] if lines else type(error).__name__}")
 
 
 def _natural(name: str) -> list:
