@@ -35,6 +35,7 @@ from ..safetensors_stream import atomic_write, fsync_dir
 from ..weights import own_state_dict_calls
 from .manifest import (FORMAT, MANIFEST, crc32_file, decode, dumps, encode, extra_name, read_manifest,
                        verify_file)
+from .offline import x_recipe
 from .safe_dcp import METADATA, SafePlanner, SafeReader, UnsafeCheckpointError, read_metadata
 
 __all__ = ["save", "load", "latest", "verify", "UnsafeCheckpointError"]
@@ -69,7 +70,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
     manifest = {"format": FORMAT, "step": _step(optimizer), "saved_at": time.time(),
                 "world_size": dist.get_world_size() if multi_rank() else 1,
                 "optimizer_class": _optimizer_class(optimizer), "param_groups": _group_sizes(optimizer),
-                "files": sums}
+                "files": sums, "x": x_recipe(model, optimizer, state)}
     rank0_io(lambda: _finish(tmp, path, manifest), f"publish {path}")  # its exchange is the barrier
 
 
