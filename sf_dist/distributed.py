@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["multi_rank", "rank", "comm_device", "agreed_train_mode", "rank0_io"]
+__all__ = ["multi_rank", "rank", "comm_device", "agreed_train_mode", "rank0_io", "every_rank_io"]
 
 
 def multi_rank(group: Optional[dist.ProcessGroup] = None) -> bool:
@@ -55,18 +55,34 @@ def agreed_train_mode(optimizer: Any) -> bool:
 
 def rank0_io(action: Callable[[], Any], what: str) -> Any:
     """Run a file-system ``action`` on rank 0 and tell every rank whether it worked, so that a
-    bad path raises everywhere instead of leaving the other ranks waiting in a collective."""
+    failure of any type raises everywhere instead of leaving the other ranks waiting in a collective.
+
+    >>> writer = rank0_io(lambda: open(path, "wb"), f"open {path}")   # None on the other ranks
+    """
+    return _agreed(action, what, here=rank() == 0)
+
+
+def every_rank_io(action: Callable[[], Any], what: str) -> Any:
+    """Run ``action`` on every rank; if it fails on any rank, every rank raises (the failing ones
+    their own error, the others a RuntimeError naming the rank and its error), still in step."""
+    return _agreed(action, what, here=True)
+
+
+def _agreed(action: Callable[[], Any], what: str, here: bool) -> Any:
     result, error = None, None
-    if rank() == 0:
+    if here:
         try:
             result = action()
-        except OSError as e:
+        except BaseException as e:  # any type: the other ranks must hear of it (then it is re-raised)
             error = e
     if multi_rank():
-        failed = torch.tensor([float(error is not None)], device=comm_device())
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and error is None:
-            raise RuntimeError(f"rank 0 could not {what}; see rank 0's error")
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        reports: list[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, mine)  # one exchange every rank joins: collectives stay paired
+        failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+        if failed and error is None:
+            r, message = failed[0]
+            raise RuntimeError(f"rank {r} could not {what}: {message}")
     if error is not None:
         raise error
     return result

@@ -1,45 +1,117 @@
-"""A safetensors file written one tensor at a time, so no rank holds the whole model to save it."""
+"""Safetensors files written one tensor at a time and published atomically, as one file or as the
+Hugging Face sharded layout (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
-from typing import Any
+import tempfile
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["SAFETENSORS_DTYPES", "SafetensorsWriter"]
+__all__ = ["SAFETENSORS_DTYPES", "Spec", "check_specs", "atomic_write", "parse_size", "SafetensorsWriter",
+           "ShardedSafetensorsWriter", "open_writer", "INDEX_NAME"]
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL"}
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+INDEX_NAME = "model.safetensors.index.json"  # what transformers' from_pretrained looks for
+Spec = tuple[str, torch.dtype, tuple[int, ...]]
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def check_specs(specs: list[Spec]) -> None:
+    """Refuse a dtype safetensors cannot store, before anything is written (call on every rank)."""
+    for name, dtype, _ in specs:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"save_eval_weights: tensor {name!r} has dtype {dtype}, which safetensors cannot store; "
+                            f"supported: {sorted(map(str, SAFETENSORS_DTYPES))}. Cast or drop that buffer first")
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes in ``5GB`` / ``500MiB`` / ``1000`` (the convention of transformers' max_shard_size)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: give a positive number of bytes or a string such as "
+                         "'5GB' or '500MiB'")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary in ``path``'s directory, fsync, then rename over ``path``:
+    a reader sees the old file or the new one, never a part (also after SIGKILL or a full disk)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
 
 class SafetensorsWriter:
     """Streams tensors into the safetensors layout: 8-byte header size, JSON header, raw bytes.
 
-    The header is written first from shapes and dtypes alone, so no tensor needs to be held
-    while the others are gathered.
+    The header is written first from shapes and dtypes alone, so no tensor needs to be held while
+    the others are gathered. Bytes go to a temporary next to ``path``; ``close()`` fsyncs and
+    renames it over ``path``, ``abort()`` removes it: ``path`` is never a partial file.
     """
 
-    def __init__(self, path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    def __init__(self, path: str, specs: list[Spec]) -> None:
+        check_specs(specs)
         header: dict[str, Any] = {}
         offset = 0
-        self._order = []
+        self._order: list[tuple[str, int]] = []
         for name, dtype, shape in specs:
-            if dtype not in SAFETENSORS_DTYPES:
-                raise TypeError(f"save_eval_weights: tensor {name!r} has dtype {dtype}, which safetensors "
-                                f"cannot store; supported: {sorted(map(str, SAFETENSORS_DTYPES))}")
-            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            nbytes = _nbytes(dtype, shape)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, nbytes))
             offset += nbytes
         header["__metadata__"] = {"format": "pt"}  # what transformers' from_pretrained checks for
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self._next = 0
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self.path, self._next = path, 0
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, self._tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        try:
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: Tensor) -> None:
         expected, nbytes = self._order[self._next]
@@ -52,5 +124,106 @@ class SafetensorsWriter:
         self._next += 1
 
     def close(self) -> None:
-        self._file.close()
+        """Flush, fsync and rename the finished file into place."""
+        self.finish()
+        self.publish()
 
+    def finish(self) -> None:
+        """Flush and fsync the temporary (every tensor must have been written)."""
+        if self._next != len(self._order):
+            self.abort()
+            raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensors were never written")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def publish(self) -> None:
+        """Rename the finished temporary over ``path``."""
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self) -> None:
+        """Drop the temporary; whatever was at ``path`` before stays as it was."""
+        try:
+            self._file.close()
+        except OSError:
+            pass  # e.g. ENOSPC flushing the buffer: the temporary goes anyway
+        _remove_quietly(self._tmp)
+
+
+class ShardedSafetensorsWriter:
+    """The Hugging Face layout in ``directory``: tensors in order, a new file once the next tensor
+    would pass ``max_bytes``; ``model.safetensors`` alone when everything fits in one.
+
+    Every shard is finished in a temporary first; ``close()`` renames them all, then the index, then
+    removes shards of an earlier export that the new index does not name.
+    """
+
+    def __init__(self, directory: str, specs: list[Spec], max_bytes: int) -> None:
+        check_specs(specs)
+        shards: list[list[Spec]] = [[]]
+        size = 0
+        for spec in specs:
+            nbytes = _nbytes(spec[1], spec[2])
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += nbytes
+        n = len(shards)
+        self.names = ["model.safetensors"] if n == 1 else \
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._directory = directory
+        self._total = sum(_nbytes(d, s) for _, d, s in specs)
+        self._where = {name: i for i, shard in enumerate(shards) for name, _, _ in shard}
+        os.makedirs(directory, exist_ok=True)
+        self._writers: list[SafetensorsWriter] = []
+        try:
+            for name, shard in zip(self.names, shards):
+                self._writers.append(SafetensorsWriter(os.path.join(directory, name), shard))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        if name not in self._where:
+            raise RuntimeError(f"safetensors stream: {name!r} is not in the planned shards")
+        self._writers[self._where[name]].write(name, tensor)
+
+    def close(self) -> None:
+        """Finish every shard, publish them and the index, drop shards an earlier export left behind."""
+        for writer in self._writers:
+            writer.finish()
+        for writer in self._writers:
+            writer.publish()
+        keep = set(self.names)
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self._total},
+                     "weight_map": {name: self.names[i] for name, i in self._where.items()}}
+            atomic_write(os.path.join(self._directory, INDEX_NAME),
+                         lambda f: f.write(json.dumps(index, indent=2, sort_keys=True).encode()))
+            keep.add(INDEX_NAME)
+        for f in os.listdir(self._directory):
+            if f not in keep and (f in (INDEX_NAME, "model.safetensors")
+                                  or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)):
+                _remove_quietly(os.path.join(self._directory, f))
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+
+
+def open_writer(path: str, specs: list[Spec],
+                max_shard_size: Union[int, str, None]) -> Union[SafetensorsWriter, ShardedSafetensorsWriter]:
+    """One file at ``path``, or the sharded layout in the directory ``path`` when ``max_shard_size`` is set."""
+    if max_shard_size is None:
+        return SafetensorsWriter(path, specs)
+    return ShardedSafetensorsWriter(path, specs, parse_size(max_shard_size))

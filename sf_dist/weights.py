@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from .backends.fsdp import drop_gathered_copies, gather_x, is_fsdp1, is_sharded,
 from .distributed import agreed_train_mode, rank0_io
 from .kernels import swap_
 from .optim import ScheduleFreeOptimizer, local
-from .safetensors_stream import SafetensorsWriter
+from .safetensors_stream import check_specs, open_writer, parse_size
 
 __all__ = ["eval_weights", "eval_state_dict", "save_eval_weights", "register_eval_state_dict_hook",
            "own_state_dict_calls"]
@@ -221,44 +221,62 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
     return out
 
 
-def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike) -> None:
+def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike,
+                      max_shard_size: Union[int, str, None] = None) -> None:
     """Write x to a safetensors file with plain names that a single-process
     ``model.load_state_dict(safetensors.torch.load_file(path), strict=True)`` accepts.
 
     A collective (call it on every rank); rank 0 writes, streaming one gathered tensor at a
-    time, so peak memory stays near the largest tensor rather than the whole model.
+    time, so peak memory stays near the largest tensor rather than the whole model. The file is
+    replaced atomically: a crash leaves the previous one intact. With ``max_shard_size`` ("5GB",
+    or bytes) ``path`` is a directory that gets the Hugging Face layout (``model-0000k-of-0000n.safetensors``
+    and ``model.safetensors.index.json``, or one ``model.safetensors``).
+
+    >>> sf_dist.save_eval_weights(model, opt, "model.safetensors")
+    >>> sf_dist.save_eval_weights(model, opt, "hf_dir", max_shard_size="5GB")
     """
     agreed_train_mode(optimizer)
     path = os.fspath(path)
+    if max_shard_size is not None:
+        parse_size(max_shard_size)  # a bad value fails here, on every rank, before any collective
     if is_deepspeed(model):
-        from safetensors.torch import save_file
         tensors = eval_state_dict(model, optimizer, full=True, cpu_offload=True)
-        rank0_io(lambda: save_file({k: v.contiguous() for k, v in tensors.items()}, path,
-                                   metadata={"format": "pt"}), f"write {path}")
+        specs = [(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()]
+
+        def write_all() -> None:
+            writer = open_writer(path, specs, max_shard_size)
+            try:
+                for name, value in tensors.items():
+                    writer.write(name, value)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+
+        rank0_io(write_all, f"write {path}")
         return
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
-        writer = rank0_io(lambda: SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
-                          f"open {path} for writing")
-        failed: list[OSError] = []
-        try:
-            for name, value in entries:
-                whole = gather_x(value, x_of)
-                if writer is not None and not failed:
-                    try:
-                        writer.write(name, whole)
-                    except OSError as e:  # keep receiving: the other ranks are still sending
-                        failed.append(e)
-                del whole
-        finally:
-            if writer is not None:
-                writer.close()
+        specs = [(n, v.dtype, tuple(v.shape)) for n, v in entries]
+        check_specs(specs)  # on every rank, before any collective
+        writer = rank0_io(lambda: open_writer(path, specs, max_shard_size), f"open {path} for writing")
+        failed: list[BaseException] = []
+        for name, value in entries:
+            whole = gather_x(value, x_of)
+            if writer is not None and not failed:
+                try:
+                    writer.write(name, whole)
+                except Exception as e:  # keep receiving: the other ranks are still sending
+                    failed.append(e)
+            del whole
 
-    def report() -> None:
+    def finish() -> None:
         if failed:
+            writer.abort()
             raise failed[0]
+        writer.close()  # fsync and rename: a full disk or a read-only directory fails here
 
-    rank0_io(report, f"write {path}")  # every rank learns of a failed write; also the barrier
+    rank0_io(finish, f"write {path}")  # every rank hears of a failed write, close or rename; also the barrier
 
 
 # ---- state_dict() hook ---------------------------------------------------------------------------

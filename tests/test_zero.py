@@ -153,6 +153,9 @@ def _memory_and_traffic(rank, world):
         assert held["grad"] == owned and held["master"] == 0, held
         expected = {"reduce_scatter" if stage == 2 else "all_reduce": [padded, nb], "all_gather": [padded, nb],
                     "guard": [3, 1]}  # the core's one all-reduce of (non-finite, eval mode, no CPU kernel) flags
+        n_params = len(list(net.parameters()))  # plus one of "had a gradient" flags, one per param
+        expected.setdefault("all_reduce", [0, 0])
+        expected["all_reduce"] = [expected["all_reduce"][0] + n_params, expected["all_reduce"][1] + 1]
         if world == 1:  # nothing to reduce, gather or agree on
             expected = {}
         assert sent == expected, (sent, expected)
@@ -411,3 +414,51 @@ def test_checkpoint_reshards_4_to_2_to_3(tmp_path):
     run_distributed(_save_phase, 2, str(tmp_path), 1, timeout=300)
     counts = run_distributed(_save_phase, 3, str(tmp_path), 2, timeout=300)
     assert counts[0] == {kind: 5 for kind, _ in CKPT_CASES}  # z (and moments) for all 5 params
+
+
+class Branchy(nn.Module):
+    """``side`` is used only where ``take`` is true (a branch one rank does not take)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Linear(5, 3).double()
+        self.side = nn.Linear(5, 3).double()
+
+    def forward(self, x, take):
+        return self.body(x) + self.side(x) if take else self.body(x)
+
+
+def _branch_on_some_ranks(rank, world):
+    """``side`` gets a gradient on rank 0 only: every rank must apply the DDP average (rank 0's
+    gradient plus zeros, over W), with one bucket per param (it used to hang) and the default one
+    (it used to leave ``side`` untrained)."""
+    moved = {}
+    for stage in (1, 2):
+        for cap in (25.0, TINY):
+            net, ref = Branchy(), Branchy()
+            opt = ZeroScheduleFree(net.parameters(), stage=stage, bucket_cap_mb=cap, lr=0.05, warmup_steps=2)
+            ref_opt = schedulefree.AdamWScheduleFree(ref.parameters(), lr=0.05, warmup_steps=2)
+            opt.train()
+            ref_opt.train()
+            start = ref.side.weight.detach().clone()
+            for k in range(3):
+                x, y = _data(k)
+                n = BATCH // world
+                nn.functional.mse_loss(net(x[rank * n:(rank + 1) * n], rank == 0), y[rank * n:(rank + 1) * n]).backward()
+                opt.step()
+                opt.zero_grad()
+                # the reference: the mean over ranks of each rank's loss, rank 0 alone through ``side``
+                loss = sum(nn.functional.mse_loss(ref(x[r * n:(r + 1) * n], r == 0), y[r * n:(r + 1) * n])
+                           for r in range(world)) / world
+                loss.backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+            _close(net, ref, f"W={world} stage {stage} cap {cap}: a param with a gradient on rank 0 only")
+            moved[(stage, cap)] = (net.side.weight.detach() - start).abs().max().item()
+    return moved
+
+
+def test_param_with_a_gradient_on_some_ranks_only_is_averaged_and_never_hangs():
+    moved = run_distributed(_branch_on_some_ranks, 2, timeout=60)[0]
+    assert min(moved.values()) > 1e-3, moved  # trained, as in the reference

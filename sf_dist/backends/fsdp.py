@@ -6,6 +6,7 @@ after a y<->x swap of the shards, and gathering one tensor of x to rank 0 withou
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional, Protocol
 
 import torch
@@ -78,25 +79,27 @@ def _reshard_fsdp1(module: nn.Module) -> None:
 
 def gather_x(value: Any, x_of: XSource) -> Optional[Tensor]:
     """The full x of ``value`` on rank 0 (None on the others); a collective for sharded values."""
+    if isinstance(value, DTensor) and 0 not in value.device_mesh.mesh.flatten().tolist():
+        return None  # a replica on another submesh (e.g. tp=1 of FSDP + TP): rank 0's submesh sends its own
     if isinstance(value, DTensor) and _is_row_sharded(value):
         return _rows_to_rank0(value, x_of)
+    if isinstance(value, DTensor) and _is_block_sharded(value):
+        return _blocks_to_rank0(value, x_of)
     value = x_of(value)
     if isinstance(value, DTensor):
         full = value.full_tensor()
         return full if rank() == 0 else None
     if is_sharded_tensor(value):
         out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value)) if rank() == 0 else None
-        value.gather(dst=0, out=out)
+        value.gather(dst=0, out=out, dtype=value.dtype)  # else float32 buffers: float64 would be rounded
         return out
     return value if rank() == 0 else None
 
 
 def _is_row_sharded(value: DTensor) -> bool:
-    """FSDP2's layout: dim-0 torch.chunk shards over a 1-D mesh that includes global rank 0."""
+    """FSDP2's layout: dim-0 torch.chunk shards over a 1-D mesh."""
     from torch.distributed.tensor import Shard
-    mesh = value.device_mesh
-    return mesh.ndim == 1 and tuple(value.placements) == (Shard(0),) and value.dim() > 0 \
-        and 0 in mesh.mesh.tolist()
+    return value.device_mesh.ndim == 1 and tuple(value.placements) == (Shard(0),) and value.dim() > 0
 
 
 def _rows_to_rank0(value: DTensor, x_of: XSource) -> Optional[Tensor]:
@@ -120,6 +123,58 @@ def _rows_to_rank0(value: DTensor, x_of: XSource) -> Optional[Tensor]:
         else:
             dist.recv(out[lo:hi], src=member, group=group)
     return out
+
+
+def _is_block_sharded(value: DTensor) -> bool:
+    """Any mesh (HSDP, FSDP + tensor parallel) whose placements are Shard (FSDP over a TP-sharded dim
+    included: a strided shard, still one block) or Replicate, not Partial; so each rank's local
+    tensor is one block of the global tensor, which DCP's chunk list names."""
+    from torch.distributed.tensor import Replicate, Shard
+    return all(isinstance(p, (Shard, Replicate)) or type(p).__name__ == "_StridedShard" for p in value.placements) \
+        and value.dim() > 0
+
+
+def _blocks_to_rank0(value: DTensor, x_of: XSource) -> Optional[Tensor]:
+    """Stream each block of x to rank 0, once per block: of the replicas along Replicate mesh dims
+    only coordinate 0 sends. Each sender first sends its block's offsets and sizes (the layout
+    DCP records), then the data; rank 0 alone ever holds the whole tensor."""
+    from torch.distributed.tensor import Replicate
+    mesh, ndim = value.device_mesh, value.dim()
+    replicated = [d for d, p in enumerate(value.placements) if type(p) is Replicate]
+    grid = mesh.mesh
+    senders = [int(grid[idx]) for idx in _indices(tuple(grid.shape)) if all(idx[d] == 0 for d in replicated)]
+    me = rank()
+    if me != 0:
+        if me in senders:
+            chunk = value.__create_chunk_list__()[0]
+            dist.send(torch.tensor([*chunk.offsets, *chunk.sizes], dtype=torch.int64, device=comm_device()), dst=0)
+            x = x_of.local_x(value)
+            if x.numel() > 0:
+                dist.send(x.contiguous(), dst=0)
+        return None
+    local_t = value.to_local()
+    out = torch.empty(value.shape, dtype=value.dtype, device=local_t.device)
+    for member in senders:
+        if member == 0:
+            chunk = value.__create_chunk_list__()[0]
+            region = out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
+            if region.numel() > 0:
+                x_of.into(value, region)
+            continue
+        meta = torch.empty(2 * ndim, dtype=torch.int64, device=comm_device())
+        dist.recv(meta, src=member)
+        offsets, sizes = meta[:ndim].tolist(), meta[ndim:].tolist()
+        if torch.Size(sizes).numel() == 0:
+            continue
+        block = torch.empty(sizes, dtype=value.dtype, device=local_t.device)
+        dist.recv(block, src=member)
+        out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].copy_(block)
+    return out
+
+
+def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every index of an array of ``shape``, in row-major order (the mesh's rank order)."""
+    return list(itertools.product(*(range(n) for n in shape)))
 
 
 def _shard_device(value: Any) -> torch.device:

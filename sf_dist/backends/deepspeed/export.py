@@ -20,9 +20,11 @@ import math
 import os
 import pickle
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+
+from ...safetensors_stream import open_writer
 
 # Keys of DeepSpeed's checkpoint files (deepspeed/checkpoint/constants.py), kept here so that
 # exporting needs torch and safetensors only, not DeepSpeed.
@@ -36,12 +38,19 @@ _PARTITION_COUNT = "partition_count"
 _ZERO_STAGE = "zero_stage"
 
 
-def export(checkpoint_dir: str, out: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Write x from a DeepSpeed checkpoint to ``out`` (safetensors) and return it."""
-    from safetensors.torch import save_file
-
+def export(checkpoint_dir: str, out: str, tag: Optional[str] = None,
+           max_shard_size: Union[int, str, None] = None) -> dict[str, torch.Tensor]:
+    """Write x from a DeepSpeed checkpoint to ``out`` (safetensors, replaced atomically) and return it.
+    With ``max_shard_size``, ``out`` is a directory in the Hugging Face sharded layout."""
     state = eval_state_dict_from_checkpoint(checkpoint_dir, tag)
-    save_file({k: v.contiguous() for k, v in _unshare(state).items()}, out)
+    writer = open_writer(out, [(k, v.dtype, tuple(v.shape)) for k, v in state.items()], max_shard_size)
+    try:
+        for name, value in state.items():
+            writer.write(name, value)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return state
 
 
@@ -153,7 +162,8 @@ def _frozen(model: dict[str, Any], model_files: list[str], stage3: bool) -> dict
 
 
 class _Opaque:
-    """Stands in for DeepSpeed's own pickled objects (loss scaler, stage enum, slice mappings)."""
+    """Stands in for DeepSpeed's own pickled objects (loss scaler, stage enum, slice mappings):
+    built from their data, never from DeepSpeed's code, and not needed for the weights."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -162,26 +172,26 @@ class _Opaque:
         pass
 
 
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] == "deepspeed":  # not needed for the weights: export runs without DeepSpeed
-            return _Opaque
-        return super().find_class(module, name)
-
-
-class _PickleModule:
-    """``pickle_module`` for torch.load: the standard pickle, DeepSpeed's classes made opaque."""
-
-    Unpickler = _Unpickler
-
-    @staticmethod
-    def load(file: Any, **kwargs: Any) -> Any:
-        return _Unpickler(file, **kwargs).load()
+# What DeepSpeed 0.1x pickles besides tensors and containers; anything else is refused.
+_STAND_INS = [(_Opaque, f"deepspeed.{name}") for name in (
+    "runtime.fp16.loss_scaler.LossScaler", "runtime.fp16.loss_scaler.DynamicLossScaler",
+    "runtime.zero.config.ZeroStageEnum", "utils.tensor_fragment.fragment_address",
+    "checkpoint.constants.ZeroStageEnum")]
 
 
 def _load(path: str) -> dict[str, Any]:
-    """A checkpoint file, memory-mapped: the moments and anything else unused are never read."""
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_PickleModule)
+    """A checkpoint file, memory-mapped (the moments and anything else unused are never read), with
+    ``weights_only=True``: tensors, containers and the stand-ins above, no other code."""
+    try:
+        with torch.serialization.safe_globals(_STAND_INS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        name = found.group(1) if found else "an object that is not plain data"
+        raise pickle.UnpicklingError(
+            f"{path}: refused to load global {name}: a DeepSpeed checkpoint holds tensors, containers and "
+            f"DeepSpeed's own loss scaler / stage / fragment records only. The file was crafted or written "
+            "by something else; it is not loaded") from None
 
 
 def _tag_dir(checkpoint_dir: str, tag: Optional[str]) -> str:
@@ -201,16 +211,6 @@ def _sorted_glob(directory: str, pattern: str) -> list[str]:
     """Files sorted by rank number (rank 10 after rank 9)."""
     key = lambda path: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
     return sorted(glob.glob(os.path.join(directory, pattern)), key=key)
-
-
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied weights): give each name its own copy."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in state.items():
-        out[name] = t.clone() if id(t) in seen else t
-        seen.add(id(t))
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -81,11 +81,13 @@ class Bucket:
         self._fresh = [False] * len(params)  # which params of _local this backward has written
         self._expected = sum(p.requires_grad for p in params)  # hook reports that complete a backward
         self._pending = self._expected
+        self.ready = False  # complete this backward, waiting for its turn to launch
         self._inflight: list[tuple[Optional[dist.Work], Tensor, Tensor]] = []
 
     # ---- gradients ---------------------------------------------------------------------------
-    def add_grad(self, i: int, grad: Tensor, sync: bool) -> None:
-        """Accumulate param i's local gradient; with ``sync``, launch once every param reported."""
+    def add_grad(self, i: int, grad: Tensor, sync: bool) -> bool:
+        """Accumulate param i's local gradient; return whether, with ``sync``, every param of the
+        bucket has reported this backward (then it is ready to launch)."""
         if grad.layout != torch.strided:
             raise RuntimeError(f"ZeroScheduleFree does not support sparse gradients (a param of shape "
                                f"{tuple(self.params[i].shape)} got a {grad.layout} gradient): use dense "
@@ -102,13 +104,19 @@ class Bucket:
         self.had_grad[i] = True
         if sync:
             self._pending -= 1
-            if self._pending == 0:
-                self.launch()
+        return sync and self._pending == 0
+
+    @property
+    def has_local(self) -> bool:
+        """Whether local gradients wait to be reduced."""
+        return self._local is not None
 
     def launch(self) -> None:
-        """Start the async reduction of this backward's local grads (no-op if there are none)."""
+        """Start the async reduction of this backward's local grads. Every rank launches every bucket
+        at every sync, with zeros where it had no gradient, so the collectives always pair."""
         if self._local is None:
-            return
+            self._local = torch.zeros_like(self.flat)
+            self._fresh = [False] * len(self.params)
         local, self._local, self._pending = self._local, None, self._expected
         for i, fresh in enumerate(self._fresh):
             if not fresh:  # no gradient this backward: contribute zeros
@@ -149,7 +157,7 @@ class Bucket:
     def zero_grad(self) -> None:
         """Drop reduced and pending gradients (waiting out any reduction still in flight)."""
         self.reap(block=True)
-        self.grad, self._local, self._pending = None, None, self._expected
+        self.grad, self._local, self._pending, self.ready = None, None, self._expected, False
         self.had_grad = [False] * len(self.params)
         for _, piece in self.pieces:
             piece.grad = None

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ...distributed import comm_device
 from ...optim import COUNTERS, AdamWScheduleFree, ScheduleFreeOptimizer
 from . import state as zstate
 from .buckets import Bucket, plan
@@ -65,6 +66,8 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         self._where = {p: (b, i) for bs in self.buckets for b in bs for i, p in enumerate(b.params)}
         self._saved_y: Optional[list[Tensor]] = None
         self._accumulating = False
+        self._launch_order = list(reversed(self.all_buckets()))
+        self._next_launch, self._synced = 0, False
         self._broadcast_from_rank0()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for p in self._where if p.requires_grad] if overlap else []
@@ -133,21 +136,58 @@ class ZeroScheduleFree(torch.optim.Optimizer):
 
     def _on_grad(self, p: Tensor) -> None:
         bucket, i = self._where[p]
-        bucket.add_grad(i, p.grad, sync=not self._accumulating)
+        ready = bucket.add_grad(i, p.grad, sync=not self._accumulating)
         p.grad = None
+        self._synced = False
+        if ready:
+            bucket.ready = True
+            self._launch_ready()
         bucket.reap(block=False)
+
+    def _launch_ready(self) -> None:
+        """Launch ready buckets in one fixed order (the reverse of the layout, as backward runs), so
+        that a bucket one rank never completes (a branch it did not take) cannot reorder the
+        collectives: the ones after it wait for sync_grads."""
+        queue = self._launch_order
+        if self._next_launch == len(queue):  # every bucket went out: this is the next backward
+            self._next_launch = 0
+        while self._next_launch < len(queue) and queue[self._next_launch].ready:
+            queue[self._next_launch].ready = False
+            queue[self._next_launch].launch()
+            self._next_launch += 1
 
     @torch.no_grad()
     def sync_grads(self) -> None:
-        """Reduce whatever backward left behind (un-hooked grads, partial buckets) and wait."""
+        """Reduce whatever backward left behind (un-hooked grads, partial buckets) and wait.
+
+        A param with a gradient on some ranks only gets the average with zeros for the others, as
+        under DDP: which params had one anywhere is agreed in one small all-reduce.
+        """
         for p, (bucket, i) in self._where.items():
             if p.grad is not None:
                 bucket.add_grad(i, p.grad, sync=False)
                 p.grad = None
-        for b in self.all_buckets():
-            b.launch()
+                self._synced = False
+        if self._synced and not any(b.has_local for b in self.all_buckets()):
+            return  # nothing new since the last sync (clip_grad_norm_ then step)
+        for i, b in enumerate(self._launch_order):  # the rest of this round, then grads of a later backward
+            if i >= self._next_launch or b.has_local:
+                b.ready = False
+                b.launch()
+        self._next_launch = 0
+        flags = work = None
+        if dist.get_world_size(self.process_group) > 1:
+            flags = torch.tensor([float(h) for b in self.all_buckets() for h in b.had_grad],
+                                 device=comm_device(self.process_group))
+            work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group, async_op=True)
         for b in self.all_buckets():
             b.reap(block=True)
+        if work is not None:
+            work.wait()
+            used = iter(flags.tolist())
+            for b in self.all_buckets():
+                b.had_grad = [bool(next(used)) for _ in b.had_grad]
+        self._synced = True
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -190,6 +230,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         for b in self.all_buckets():
             b.attach_grads()
         self.inner.step()  # the agreement on mode and finiteness happens in here
+        self._synced = False  # the next step syncs on every rank, even one that gets no gradient
         self.pull_counters()
         self.publish()
         return loss
@@ -200,6 +241,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
             p.grad = None
         for b in self.all_buckets():
             b.zero_grad()
+        self._next_launch, self._synced = 0, False
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,392 @@
+"""Checkpoints and exports under attack and faults: crafted files run no code, kills lose nothing,
+full and read-only disks fail on every rank in step, damaged or mismatched checkpoints are refused."""
+
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from dist import run_distributed
+
+import sf_dist
+from sf_dist import checkpoint
+from sf_dist.checkpoint.manifest import MANIFEST, crc32_file
+from sf_dist.weights import eval_state_dict, eval_weights, save_eval_weights
+
+
+class Payload:
+    """Pickles as a call of os.system: loading it anywhere unrestricted creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def make_model(width=5):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2)).double()
+
+
+def trained(steps=2, groups=1):
+    model = make_model()
+    params = list(model.parameters())
+    spec = params if groups == 1 else [{"params": params[0::2]}, {"params": params[1::2], "lr": 1e-2}]
+    opt = sf_dist.AdamWScheduleFree(spec, lr=1e-3, warmup_steps=1)
+    more(model, opt, steps)
+    return model, opt
+
+
+def more(model, opt, steps):
+    opt.train()
+    for k in range(steps):
+        g = torch.Generator().manual_seed(k + 10 * opt.param_groups[0]["k"])
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64).to(next(model.parameters()).dtype)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def forge_checksums(path):
+    """What an attacker can do: rewrite the manifest's sizes and CRCs to match edited files."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest["files"] = {n: crc32_file(os.path.join(path, n)) for n in os.listdir(path) if n != MANIFEST}
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+
+
+# ---- security --------------------------------------------------------------------------------------
+def test_crafted_files_run_no_code_and_name_the_refused_global(tmp_path, caplog):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    marker = tmp_path / "PWNED"
+    root = tmp_path / "ckpt"
+    model, opt = trained()
+    checkpoint.save(root / "step_1", model, opt, extra={"step": 1})
+    more(model, opt, 1)
+
+    # a non-tensor value of the optimizer (DCP stores it as a pickle) carrying a payload
+    bytes_evil = root / "step_5"
+    checkpoint.save(bytes_evil, model, opt, extra={"step": 5})
+    optim_sd = get_optimizer_state_dict(model, opt)
+    optim_sd["param_groups"][0]["lr"] = Payload(marker)
+    for name in os.listdir(bytes_evil):
+        if name.endswith(".distcp") or name == ".metadata":
+            os.remove(bytes_evil / name)
+    dcp.save({"model": get_model_state_dict(model), "optim": optim_sd}, checkpoint_id=str(bytes_evil))
+    forge_checksums(bytes_evil)
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"optim\.param_groups\.0\.lr.*(posix|os)\.system"):
+        checkpoint.load(bytes_evil, *trained(0))
+    assert not marker.exists()
+
+    # a crafted DCP .metadata: latest() only looks, load() would unpickle it
+    meta_evil = root / "step_9"
+    shutil.copytree(root / "step_1", meta_evil)
+    (meta_evil / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    forge_checksums(meta_evil)
+    with open(meta_evil / MANIFEST) as f:
+        manifest = json.load(f)
+    manifest["step"] = 99  # the newest, if it were trusted
+    (meta_evil / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="sf_dist.checkpoint"):
+        found = checkpoint.latest(root)
+    assert not marker.exists()
+    assert found == str(root / "step_5")  # step_9 is skipped; step_5's payload is in its data, refused at load
+    assert "refused to load global posix.system" in caplog.text or "refused to load global os.system" in caplog.text
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"refused to load global (posix|os)\.system"):
+        checkpoint.load(meta_evil, *trained(0))
+    assert not marker.exists()
+
+    # extra is data: an object is refused at save, with the type and the fix, and nothing is written
+    with pytest.raises(TypeError, match=r"extra\['hook'\] is a builtins\.object.*Convert it first"):
+        checkpoint.save(root / "step_2", model, opt, extra={"hook": object()})
+    assert not (root / "step_2").exists() and not (root / "step_2.tmp").exists()
+    with pytest.raises(TypeError, match=r"key 3 is a int"):
+        checkpoint.save(root / "step_2", model, opt, extra={3: "x"})
+    rng = torch.get_rng_state()
+    checkpoint.save(root / "step_3", model, opt, extra={"rng": rng, "pos": (3, 4.5, None), "nested": [{"a": True}]})
+    json.loads((root / "step_3" / "extra_0.json").read_text())  # plain JSON
+    extra = checkpoint.load(root / "step_3", *trained(0))
+    assert torch.equal(extra["rng"], rng) and extra["pos"] == (3, 4.5, None) and extra["nested"] == [{"a": True}]
+
+    # the DeepSpeed exporter: weights_only=True with stand-ins for DeepSpeed's own records only
+    from sf_dist.export import main as export_main
+    ds = tmp_path / "ds" / "global_step1"
+    ds.mkdir(parents=True)
+    torch.save({"module": {}, "buffer_names": []}, ds / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": Payload(marker)}, ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to load global (posix|os)\.system"):
+        export_main([str(ds), str(tmp_path / "x.safetensors")])
+    assert not marker.exists()
+
+
+# ---- kills -------------------------------------------------------------------------------------------
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_on_call(owner, name, nth=1, when=lambda *a, **k: True):
+    original, calls = getattr(owner, name), [0]
+
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == nth:
+                _die()
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapper)
+
+
+def _killed_save(kind, phase, target, model, opt):
+    """In a forked child: arm the kill for ``phase``, then save over the existing export/checkpoint."""
+    import sf_dist.safetensors_stream as stream
+    from torch.distributed.checkpoint import FileSystemWriter
+    if kind == "export":
+        if phase == "header":
+            _kill_on_call(stream.SafetensorsWriter, "write")
+        elif phase == "tensors":
+            _kill_on_call(stream.SafetensorsWriter, "write", nth=3)
+        elif phase == "rename":
+            _kill_on_call(os, "replace")
+        save_eval_weights(model, opt, target)
+    else:
+        if phase == "shards":
+            _kill_on_call(FileSystemWriter, "finish")  # data written, no .metadata yet
+        elif phase == "checksums":
+            _kill_on_call(checkpoint, "crc32_file", nth=2)
+        elif phase == "manifest":
+            _kill_on_call(os, "replace")  # the manifest's temporary is written, not renamed
+        elif phase == "first_rename":  # before the old checkpoint is moved aside
+            _kill_on_call(os, "rename", when=lambda src, dst: str(src) == target)
+        elif phase == "between_renames":  # the old one is moved aside, the new one not yet in place
+            _kill_on_call(os, "rename", when=lambda src, dst: str(dst) == target)
+        elif phase == "cleanup":
+            _kill_on_call(shutil, "rmtree", when=lambda p, *a, **k: str(p).endswith(".old"), nth=2)
+        checkpoint.save(target, model, opt, extra={"step": opt.param_groups[0]["k"]})
+    os._exit(0)
+
+
+EXPORT_PHASES = ["header", "tensors", "rename"]
+CKPT_PHASES = ["shards", "checksums", "manifest", "first_rename", "between_renames", "cleanup"]
+
+
+def test_sigkill_in_every_phase_keeps_the_previous_export_and_checkpoint(tmp_path):
+    model, opt = trained()
+    export, root = str(tmp_path / "x.safetensors"), tmp_path / "ckpt"
+    save_eval_weights(model, opt, export)
+    good_x = open(export, "rb").read()
+    checkpoint.save(root / "last", model, opt, extra={"step": 2})
+    more(model, opt, 1)  # the run moved on: the killed saves would write step 3
+    fork = multiprocessing.get_context("fork")
+    for kind, phases in (("export", EXPORT_PHASES), ("checkpoint", CKPT_PHASES)):
+        for phase in phases:
+            target = export if kind == "export" else str(root / "last")
+            child = fork.Process(target=_killed_save, args=(kind, phase, target, model, opt))
+            child.start()
+            child.join(60)
+            assert child.exitcode == -signal.SIGKILL, (kind, phase, child.exitcode)
+            if kind == "export":
+                assert open(export, "rb").read() == good_x, phase  # the previous file, byte for byte
+                load_file(export)
+                continue
+            found = checkpoint.latest(root)
+            step = checkpoint.load(found, *trained(0))["step"]
+            if phase in ("first_rename", "between_renames", "cleanup"):
+                assert step == 3, (phase, found)  # the new save was complete: the newest is taken
+            else:
+                assert (found, step) == (str(root / "last"), 2), (phase, found, step)
+            assert checkpoint.load(root / "last", *trained(0))["step"] == step, phase  # by its name too
+            checkpoint.save(root / "last", *trained(2), extra={"step": 2})  # a clean save clears leftovers
+            assert sorted(os.listdir(root)) == ["last"], (phase, os.listdir(root))
+
+
+def test_save_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    model, opt = trained()
+    target = tmp_path / "runs"
+    (target / "step_1").mkdir(parents=True)
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"'notes\.txt', 'step_1'.*not an sf_dist checkpoint"):
+        checkpoint.save(target, model, opt)
+    assert (target / "notes.txt").read_text() == "keep me" and (target / "step_1").is_dir()
+    (target / "file").write_text("")
+    with pytest.raises(FileExistsError, match="is a file"):
+        checkpoint.save(target / "file", model, opt)
+
+
+def test_corrupted_bytes_are_caught_by_checksum(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, model, opt)
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4] = b"\x00\x00\xf6\x42"  # 123.0 as float32, in a tensor
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"is corrupt: __0_0\.distcp has \d+ bytes with CRC-32"):
+        checkpoint.load(path, *trained(0))
+    with pytest.raises(RuntimeError, match=r"__0_0\.distcp has \d+ bytes with CRC-32"):
+        checkpoint.verify(path)
+
+
+# ---- silently wrong loads -------------------------------------------------------------------------
+def test_latest_orders_by_step_and_falls_back_past_damaged_metadata(tmp_path, caplog):
+    model, opt = trained(1)
+    checkpoint.save(tmp_path / "step_9", model, opt)
+    more(model, opt, 1)
+    checkpoint.save(tmp_path / "step_10", model, opt)
+    assert checkpoint.latest(tmp_path) == str(tmp_path / "step_10")  # by step, not "step_9" > "step_10"
+    meta = tmp_path / "step_10" / ".metadata"
+    full = meta.read_bytes()
+    for damaged in (full[: len(full) // 2], b""):
+        meta.write_bytes(damaged)
+        with caplog.at_level(logging.WARNING, logger="sf_dist.checkpoint"):
+            assert checkpoint.latest(tmp_path) == str(tmp_path / "step_9")
+        assert "skipping" in caplog.text and "step_10" in caplog.text
+    forge_checksums(tmp_path / "step_10")  # even with matching sizes and CRCs, a truncated pickle is skipped
+    assert checkpoint.latest(tmp_path) == str(tmp_path / "step_9")
+
+
+def test_mismatched_groups_are_refused_and_dtype_changes_logged(tmp_path, caplog):
+    model, opt = trained(groups=2)
+    checkpoint.save(tmp_path / "two", model, opt)
+    with pytest.raises(RuntimeError, match=r"2 param groups of \[2, 2\] params, this optimizer 1 of \[4\]"):
+        checkpoint.load(tmp_path / "two", *trained(0))
+    model, opt = trained()
+    model.float()
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
+    more(model, opt, 1)
+    checkpoint.save(tmp_path / "fp32", model, opt)
+    low = make_model().bfloat16()
+    with caplog.at_level(logging.WARNING, logger="sf_dist.checkpoint"):
+        checkpoint.load(tmp_path / "fp32", low, sf_dist.AdamWScheduleFree(low.parameters(), lr=1e-3, warmup_steps=1))
+    assert "4 tensors are cast to the model's dtype on load: 0.bias (torch.float32 -> torch.bfloat16)" in caplog.text
+
+
+# ---- W=2: per-rank extra, full and read-only disks, a dtype safetensors cannot store ------------------
+@pytest.fixture
+def small_mounts(tmp_path):
+    """A full 64 KiB tmpfs and a read-only one (root only; skipped where mounting is not allowed)."""
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    for where, opts in ((full, "size=64k"), (ro, "size=64k,ro")):
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", str(full)], capture_output=True)
+            pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {done.stderr.strip()}")
+    try:
+        yield str(full), str(ro)
+    finally:
+        for where in (full, ro):
+            subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def _fsdp2(width):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = make_model(width)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
+    more(model, opt, 1)
+    return model, opt
+
+
+def _still_paired(rank):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    assert t.item() == 3.0, f"the next collective paired with a leftover one: {t.item()}"
+
+
+def _faults_worker(rank, world, tmp, full, ro):
+    out = {}
+    model, opt = _fsdp2(5)
+    rng = torch.get_rng_state()
+    checkpoint.save(f"{tmp}/ckpt", model, opt, extra={"rank": rank, "rng": rng})
+    model2, opt2 = _fsdp2(5)
+    extra = checkpoint.load(f"{tmp}/ckpt", model2, opt2)
+    assert extra["rank"] == rank and torch.equal(extra["rng"], rng), "extra is per rank"
+
+    big, big_opt = _fsdp2(4000)  # 250 KB of float64 weights: more than the 64 KiB disk
+    cases = {
+        "export to a full disk": lambda: save_eval_weights(big, big_opt, f"{full}/x.safetensors"),
+        "export to a read-only disk": lambda: save_eval_weights(big, big_opt, f"{ro}/x.safetensors"),
+        "checkpoint to a full disk": lambda: checkpoint.save(f"{full}/ckpt", big, big_opt),
+        "checkpoint to a read-only disk": lambda: checkpoint.save(f"{ro}/ckpt", big, big_opt),
+    }
+    odd = make_model()
+    odd.register_buffer("phase", torch.zeros(3, dtype=torch.complex64))
+    odd_opt = sf_dist.AdamWScheduleFree(odd.parameters(), lr=1e-3)
+    more(odd, odd_opt, 1)
+    cases["a buffer dtype safetensors cannot store"] = lambda: save_eval_weights(odd, odd_opt, f"{tmp}/odd.safetensors")
+    for what, action in cases.items():
+        start = time.monotonic()
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - the type is what is checked
+            out[what] = (type(e).__name__, str(e), time.monotonic() - start)
+        else:
+            raise AssertionError(f"{what}: rank {rank} did not raise")
+        _still_paired(rank)
+    return out
+
+
+def test_faults_reach_every_rank_in_step(tmp_path, small_mounts):
+    full, ro = small_mounts
+    ranks = run_distributed(_faults_worker, 2, str(tmp_path), full, ro, timeout=120)
+    for what in ranks[0]:
+        for rank, result in enumerate(ranks):
+            kind, message, seconds = result[what]
+            assert seconds < 10, (what, rank, seconds)
+            assert kind != "CheckpointException", (what, message)
+            if "full" in what:  # torch's own writer reports ENOSPC as "unexpected pos": the free space is named
+                assert "No space left" in message or " 0 bytes free" in message, (what, rank, message)
+            elif "read-only" in what:
+                assert "Read-only file system" in message, (what, rank, message)
+            else:
+                assert "complex64" in message and "safetensors cannot store" in message, (what, rank, message)
+    # rank 0 raised the OSError itself; rank 1 was told which rank failed and why
+    assert ranks[1]["export to a full disk"][1].startswith("rank 0 could not write")
+    # saved by 2 ranks, loaded by 1: rank 0's extra, with a warning
+    model, opt = make_model(), None
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
+    assert checkpoint.load(tmp_path / "ckpt", model, opt)["rank"] == 0
+
+
+# ---- FSDP1 keeps float64 exports bitwise ------------------------------------------------------------
+def _fsdp1_float64(rank, world, tmp):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    model = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"),
+                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
+    more(model, opt, 3)
+    sd = eval_state_dict(model, opt)
+    save_eval_weights(model, opt, f"{tmp}/x.safetensors")
+    with eval_weights(model, opt), FSDP.summon_full_params(model, writeback=False):
+        x = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        saved = load_file(f"{tmp}/x.safetensors")
+        for name, want in x.items():
+            assert sd[name].dtype == torch.float64 and torch.equal(sd[name], want), name
+            assert torch.equal(saved[name], want), name
+    return len(x)
+
+
+def test_fsdp1_float64_exports_are_bitwise(tmp_path):
+    assert run_distributed(_fsdp1_float64, 2, str(tmp_path))[0] == 4
