@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
+from .skip import step_with_one_decision
 
 __all__ = ["initialize", "attach", "engine_state_dict", "is_deepspeed", "OPTIMIZERS"]
 
@@ -270,6 +271,12 @@ class _ZeRO12(_EngineScheduleFree):
 
     def _sf_refresh(self) -> None:
         self.update_lp_params()
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's step, skipped or taken for every group together (see skip.py)."""
+        if not hasattr(self, "check_grad_overflow"):  # BF16_Optimizer: checks the global norm itself
+            return super().step(*args, **kwargs)
+        return step_with_one_decision(self, self.optimizer, lambda: super(_ZeRO12, self).step(*args, **kwargs))
 
     def _lazy_init_hp_params_optimizer_state(self) -> None:
         """Link DeepSpeed's per-param views of z and the moments once EVERY group has them.
