@@ -24,6 +24,7 @@ import torch
 
 from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
 from .skip import step_with_one_decision
+from .universal import load_stage12, load_stage3
 
 __all__ = ["initialize", "attach", "engine_state_dict", "is_deepspeed", "OPTIMIZERS"]
 
@@ -278,6 +279,10 @@ class _ZeRO12(_EngineScheduleFree):
             return super().step(*args, **kwargs)
         return step_with_one_decision(self, self.optimizer, lambda: super(_ZeRO12, self).step(*args, **kwargs))
 
+    def load_hp_checkpoint_state_from_checkpoint_dir(self, lp_groups_name: str, checkpoint_dir: str) -> None:
+        """A universal checkpoint, also on a rank that holds nothing of some group (see universal.py)."""
+        load_stage12(self, getattr(self, lp_groups_name), checkpoint_dir)
+
     def _lazy_init_hp_params_optimizer_state(self) -> None:
         """Link DeepSpeed's per-param views of z and the moments once EVERY group has them.
 
@@ -320,6 +325,10 @@ class _ZeRO3(_EngineScheduleFree):
             self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
         if self.persistent_parameters:
             self.persistent_parameters[0].all_gather(self.persistent_parameters)
+
+    def load_hp_checkpoint_state_from_checkpoint_dir_stage3(self, checkpoint_dir: str) -> None:
+        """A universal checkpoint's every state key and per-group values (DeepSpeed's assumes Adam's)."""
+        load_stage3(self, checkpoint_dir)
 
     @contextlib.contextmanager
     def _sf_masters_visible(self) -> Iterator[None]:
