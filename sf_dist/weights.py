@@ -230,29 +230,33 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike)
     """
     agreed_train_mode(optimizer)
     path = os.fspath(path)
-    if is_deepspeed(model):
-        from safetensors.torch import save_file
-        tensors = eval_state_dict(model, optimizer, full=True, cpu_offload=True)
-        rank0_io(lambda: save_file({k: v.contiguous() for k, v in tensors.items()}, path,
-                                   metadata={"format": "pt"}), f"write {path}")
+    if is_deepspeed(model):  # x per tensor from DeepSpeed's full y and z; nothing is swapped
+        from .backends.deepspeed import engine_weight_specs, engine_weights
+        _stream(path, engine_weight_specs(model), engine_weights(model, as_x=True))
         return
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
-        writer = rank0_io(lambda: SafetensorsWriter(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries]),
-                          f"open {path} for writing")
-        failed: list[OSError] = []
-        try:
-            for name, value in entries:
-                whole = gather_x(value, x_of)
-                if writer is not None and not failed:
-                    try:
-                        writer.write(name, whole)
-                    except OSError as e:  # keep receiving: the other ranks are still sending
-                        failed.append(e)
-                del whole
-        finally:
-            if writer is not None:
-                writer.close()
+        _stream(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries],
+                ((name, gather_x(value, x_of)) for name, value in entries))
+
+
+def _stream(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+            tensors: Iterable[tuple[str, Optional[Tensor]]]) -> None:
+    """Rank 0 writes each whole tensor as it arrives (None elsewhere); every rank runs through
+    ``tensors``, whose items are collectives, even after a failed write."""
+    writer = rank0_io(lambda: SafetensorsWriter(path, specs), f"open {path} for writing")
+    failed: list[OSError] = []
+    try:
+        for name, whole in tensors:
+            if writer is not None and not failed:
+                try:
+                    writer.write(name, whole)
+                except OSError as e:  # keep receiving: the other ranks are still sending
+                    failed.append(e)
+            del whole
+    finally:
+        if writer is not None:
+            writer.close()
 
     def report() -> None:
         if failed:

@@ -308,7 +308,9 @@ def _full_z(engine, p: torch.Tensor) -> torch.Tensor:
     """z of one model param, gathered to full size (collective at ZeRO-1/2/3)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    masters = sfds._stage0_masters(engine.optimizer)
+    opt = engine.optimizer  # ZeRO-0 bf16/fp16: full fp32 copies beside the model's params
+    masters = {id(lp): fp32 for lp_g, fp32_g in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+               for lp, fp32 in zip(lp_g, fp32_g)} if not hasattr(opt, "fp32_partitioned_groups_flat") else {}
     if id(p) in masters:
         return _base(engine.optimizer).state[masters[id(p)]]["z"]
     return safe_get_full_optimizer_state(p, "z").reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)

@@ -26,7 +26,8 @@ from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer
 from .skip import step_with_one_decision
 from .universal import load_stage12, load_stage3
 
-__all__ = ["initialize", "attach", "engine_state_dict", "is_deepspeed", "OPTIMIZERS"]
+__all__ = ["initialize", "attach", "engine_state_dict", "engine_weights", "engine_weight_specs", "is_deepspeed",
+           "OPTIMIZERS"]
 
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
 
@@ -406,30 +407,98 @@ def engine_state_dict(engine: Any, full: bool = True, cpu_offload: bool = True) 
         raise ValueError("full=False is not supported for DeepSpeed engines: their shards are flat "
                          "partitions with no per-name layout. Use full=True, or engine.save_checkpoint "
                          "and `python -m sf_dist.export` for a sharded save")
+    return {name: t for name, t in engine_weights(engine, cpu_offload) if t is not None}
+
+
+def engine_weight_specs(engine: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what ``engine_weights`` yields, in its order; no communication."""
+    module = engine.module
+    specs = [(name, torch.float32, tuple(_shape(p))) for name, p in module.named_parameters(remove_duplicate=False)]
+    return specs + [(name, buf.dtype, tuple(buf.shape)) for name, buf in _persistent_buffers(module)]
+
+
+@torch.no_grad()
+def engine_weights(engine: Any, cpu_offload: bool = True,
+                   as_x: bool = False) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(name, a copy of the fp32 weight) one at a time, params then persistent buffers; the tensor is
+    None on ranks other than 0. Collective: every rank must run the generator to its end.
+
+    ``as_x``: x even in train mode, derived per tensor from the full y and z (nothing is swapped,
+    so no rank holds more than one gathered tensor of each).
+    """
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     masters = _stage0_masters(engine.optimizer)
+    x_of = _XOf(engine, masters) if as_x and engine.optimizer.train_mode else None
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
+        fresh = False  # value is a gathered tensor of our own, not a live weight
         if id(p) in masters:
             value = masters[id(p)]
         elif p.requires_grad:
-            value = safe_get_full_fp32_param(p)  # collective at ZeRO-1/2/3
-            if value is None:
-                value = p
+            gathered = safe_get_full_fp32_param(p)  # collective at ZeRO-1/2/3
+            fresh = gathered is not None
+            value = gathered if fresh else p
+            del gathered
         else:
             value = _full_frozen(p)
-        if rank0:
-            out[name] = _copy(value.reshape(_shape(p)), cpu_offload, torch.float32)
-    if rank0:
-        non_persistent = {f"{m}.{b}" if m else b for m, sub in module.named_modules()
-                          for b in sub._non_persistent_buffers_set}
-        for name, buf in module.named_buffers(remove_duplicate=False):
-            if name not in non_persistent:
-                out[name] = _copy(buf, cpu_offload, buf.dtype)
-    return out
+        if x_of is not None and p.requires_grad:
+            value = x_of(p, value, in_place=fresh, rank0=rank0)  # collective at ZeRO-1/2/3
+            fresh = True
+        if not rank0:
+            yield name, None
+        elif fresh and (value.device.type == "cpu" or not cpu_offload):
+            yield name, value.detach().reshape(_shape(p))  # already a copy of our own
+        else:
+            yield name, _copy(value.reshape(_shape(p)), cpu_offload, torch.float32)
+        del value
+    for name, buf in _persistent_buffers(module):
+        yield name, _copy(buf, cpu_offload, buf.dtype) if rank0 else None
+
+
+class _XOf:
+    """x = lerp(y, z, 1 - 1/b1) of one trained param from its full y, with the b1 of its group; y
+    itself where the group has not stepped yet (no z: eval() would leave it as it is too)."""
+
+    def __init__(self, engine: Any, masters: dict[int, torch.Tensor]) -> None:
+        opt = engine.optimizer
+        self.base = opt if isinstance(opt, ScheduleFreeOptimizer) else opt.optimizer
+        self.masters = masters
+        if hasattr(opt, "sub_group_to_group_id"):  # ZeRO-3: sub-groups of model params
+            pairs = [(lp, opt.sub_group_to_group_id[i]) for i, lps in enumerate(opt.fp16_groups) for lp in lps]
+        else:  # ZeRO-1/2, BF16_Optimizer, ZeRO-0 (the fp32 copies' groups, or our own optimizer's)
+            lp_groups = next(getattr(opt, a) for a in ("bit16_groups", "bf16_groups", "fp16_groups", "param_groups")
+                             if hasattr(opt, a))
+            pairs = [(lp, gi) for gi, g in enumerate(lp_groups) for lp in (g["params"] if isinstance(g, dict) else g)]
+        self.group_of = {id(lp): gi for lp, gi in pairs}
+
+    def __call__(self, p: torch.Tensor, y: torch.Tensor, in_place: bool, rank0: bool) -> torch.Tensor:
+        """x of ``p`` on rank 0 (``y`` overwritten if ``in_place``), ``y`` elsewhere after the z gather."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if id(p) not in self.group_of:  # trainable but never given to the optimizer
+            return y
+        group = self.base.param_groups[self.group_of[id(p)]]
+        if group["k"] == 0:
+            return y
+        if id(p) in self.masters:
+            z = self.base.state[self.masters[id(p)]]["z"]
+        elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            z = safe_get_full_optimizer_state(p, "z")
+        else:  # ZeRO-0 in fp32: the model's params are our optimizer's
+            z = self.base.state[p]["z"]
+        if not rank0:
+            return y
+        weight = 1 - 1 / self.base.interpolation(group)
+        z = z.reshape(y.shape)
+        return y.lerp_(z, weight) if in_place else y.detach().float().lerp(z.float(), weight)
+
+
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    non_persistent = {f"{m}.{b}" if m else b for m, sub in module.named_modules()
+                      for b in sub._non_persistent_buffers_set}
+    return [(name, buf) for name, buf in module.named_buffers(remove_duplicate=False) if name not in non_persistent]
 
 
 def _stage0_masters(engine_optimizer: Any) -> dict[int, torch.Tensor]:

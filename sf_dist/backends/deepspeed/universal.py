@@ -106,22 +106,36 @@ def _stage12_tensors(optim: list[dict], base: list[dict], model: dict) -> Iterat
 def _stage3_tensors(optim: list[dict], base: list[dict], param_shapes: list[dict]) -> Iterator[tuple[str, str, torch.Tensor]]:
     """ZeRO-3: each param is cut into ceil(numel/W) pieces, one per rank, laid in order on each rank."""
     world = len(optim)
-    per_rank = []
+    per_rank = []  # [rank][key] -> that rank's flat partitions (sub-groups, in order), memory-mapped
     for sd, b in zip(optim, base):
         ids = [i for group in b["param_groups"] for i in group["params"]]
         states = [_flat_states(master, b, i) for i, master in zip(ids, sd[_FP32_3])]
-        per_rank.append({key: torch.cat([s[key] for s in states]) for key in states[0]})
+        per_rank.append({key: [s[key] for s in states] for key in states[0]})
     offset = 0
     for group in param_shapes:
         for name, shape in group.items():
             n = math.prod(shape)
             piece = math.ceil(n / world)
             for key in per_rank[0]:
-                whole = torch.cat([r[key][offset:offset + piece] for r in per_rank])[:n]
+                whole = torch.cat([_span(r[key], offset, piece) for r in per_rank])[:n]
                 yield name, key, whole.float().view(shape).clone()
             offset += piece
-    if offset != per_rank[0][_FP32].numel():
-        raise ValueError(f"params use {offset} elements per rank, the partitions hold {per_rank[0][_FP32].numel()}")
+    held = sum(t.numel() for t in per_rank[0][_FP32])
+    if offset != held:
+        raise ValueError(f"params use {offset} elements per rank, the partitions hold {held}")
+
+
+def _span(parts: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Elements [start, start+length) of the concatenation of ``parts``, without concatenating them."""
+    pieces, base = [], 0
+    for t in parts:
+        lo, hi = max(start, base), min(start + length, base + t.numel())
+        if lo < hi:
+            pieces.append(t[lo - base:hi - base])
+        base += t.numel()
+    if sum(p.numel() for p in pieces) != length:
+        raise ValueError(f"a ZeRO-3 partition holds {base} elements, a param needs [{start}, {start + length})")
+    return torch.cat(pieces)
 
 
 def _flat_states(master: torch.Tensor, base: dict, index: int) -> dict[str, torch.Tensor]:
