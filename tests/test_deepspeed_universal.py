@@ -8,9 +8,12 @@ run (tolerance below) and the float64 reference. One spawn per world size runs e
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,9 +73,13 @@ def _state(engine, opt) -> dict:
     return rec
 
 
-def _end(engine, opt) -> dict:
+def _end(engine, opt, path: str) -> dict:
+    """y, and x both from eval_state_dict (eval(), masters swapped) and from the streamed
+    save_eval_weights (x derived per tensor), in train mode; y again after both."""
     y = sfds.engine_state_dict(engine)
-    return {"y": y, "x": sf_dist.eval_state_dict(engine, opt)}
+    x = sf_dist.eval_state_dict(engine, opt)
+    sf_dist.save_eval_weights(engine, opt, path)
+    return {"y": y, "x": x, "y_after": sfds.engine_state_dict(engine), "mode_after": opt.train_mode}
 
 
 def _engine(stage: int, bf16: bool, world: int, universal: bool):
@@ -95,7 +102,7 @@ def _save_worker(rank: int, world: int, root: str) -> dict:
         rec = out[case] = {"saved": _state(engine, opt)}
         engine.save_checkpoint(os.path.join(root, case), tag="step3")
         _train(engine, rank, world, range(SAVE_AT, STEPS))
-        rec["end"] = _end(engine, opt)
+        rec["end"] = _end(engine, opt, os.path.join(root, f"{case}-x.safetensors"))
     if rank == 0:
         out["cli"] = _convert_all(root)
     dist.barrier()
@@ -122,7 +129,7 @@ def _resume_worker(rank: int, world: int, root: str) -> dict:
         rec = out[case] = {"loaded": _state(engine, opt), "mode": opt.train_mode}
         opt.train()
         _train(engine, rank, world, range(SAVE_AT, STEPS))
-        rec["end"] = _end(engine, opt)
+        rec["end"] = _end(engine, opt, os.path.join(root, f"{case}-x-resumed{world}.safetensors"))
     return out
 
 
@@ -202,6 +209,17 @@ def test_resumed_run_equals_the_uninterrupted_one(runs, case, world):
         _close(resumed["x"], _reference(), 1e-4, 1e-6)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_save_eval_weights_equals_eval_state_dict(runs, case):
+    from safetensors.torch import load_file
+
+    end = runs["saved"][0][case]["end"]
+    _equal(load_file(str(runs["root"] / f"{case}-x.safetensors")), end["x"])  # bitwise, buffers included
+    _equal(end["y_after"], end["y"])  # nothing swapped: y untouched
+    assert end["mode_after"] is True
+    assert not torch.equal(end["x"]["fc1.weight"], end["y"]["fc1.weight"])
+
+
 def test_deepspeeds_own_converter_still_fails_on_schedule_free_state(runs):
     code, stdout, stderr = runs["deepspeed_converter"]
     assert code != 0 and "KeyError: 'exp_avg'" in stderr, stdout[-2000:] + stderr[-2000:]
@@ -217,3 +235,26 @@ def test_converter_refuses_what_it_cannot_convert(runs, tmp_path):
         convert(str(root / "zero2" / "step3"), str(root / "zero2" / "step3_universal"))
     with pytest.raises(ValueError, match="is the input folder"):
         convert(str(root / "zero2" / "step3"), str(root / "zero2" / "step3"))
+
+
+def _doc_blocks(language: str) -> list[str]:
+    """The ``language`` code blocks of docs/deepspeed.md's section on changing the number of ranks."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deepspeed.md").read_text()
+    section = text.split("## Changing the number of ranks", 1)[1].split("\n## ", 1)[0]
+    return [part.split("```", 1)[0] for part in section.split(f"```{language}\n")[1:]]
+
+
+def test_the_guides_commands_convert_a_checkpoint_as_written(runs, tmp_path):
+    root = runs["root"]
+    shutil.copytree(root / "zero2", tmp_path / "ckpt", ignore=shutil.ignore_patterns("*_universal"))
+    (command,) = _doc_blocks("bash")
+    run = subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "latest_universal").read_text() == "step3_universal"
+    for key in ("fp32", "z", "exp_avg_sq"):  # the same files as the test's own conversion
+        ours = torch.load(tmp_path / "ckpt" / "step3_universal" / "zero" / "fc2.bias" / f"{key}.pt", weights_only=True)
+        theirs = torch.load(root / "zero2" / "step3_universal" / "zero" / "fc2.bias" / f"{key}.pt", weights_only=True)
+        assert torch.equal(ours["param"], theirs["param"])
+    (snippet,) = _doc_blocks("json")
+    assert json.loads("{" + snippet + "}") == {"checkpoint": _config(2, False, 3, universal=True)["checkpoint"]}

@@ -423,29 +423,17 @@ def engine_weights(engine: Any, cpu_offload: bool = True,
     """(name, a copy of the fp32 weight) one at a time, params then persistent buffers; the tensor is
     None on ranks other than 0. Collective: every rank must run the generator to its end.
 
-    ``as_x``: x even in train mode, derived per tensor from the full y and z (nothing is swapped,
-    so no rank holds more than one gathered tensor of each).
+    ``as_x``: x even in train mode, taken on each rank's fragment of y and z and gathered one
+    tensor at a time (nothing is swapped, and no rank holds more than one gathered tensor).
     """
-    from deepspeed.utils import safe_get_full_fp32_param
-
     module = engine.module
     masters = _stage0_masters(engine.optimizer)
     x_of = _XOf(engine, masters) if as_x and engine.optimizer.train_mode else None
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     for name, p in module.named_parameters(remove_duplicate=False):
-        fresh = False  # value is a gathered tensor of our own, not a live weight
-        if id(p) in masters:
-            value = masters[id(p)]
-        elif p.requires_grad:
-            gathered = safe_get_full_fp32_param(p)  # collective at ZeRO-1/2/3
-            fresh = gathered is not None
-            value = gathered if fresh else p
-            del gathered
-        else:
-            value = _full_frozen(p)
-        if x_of is not None and p.requires_grad:
-            value = x_of(p, value, in_place=fresh, rank0=rank0)  # collective at ZeRO-1/2/3
-            fresh = True
+        x = x_of(p) if x_of is not None and p.requires_grad else None  # collective at ZeRO-1/2/3
+        value, fresh = (x, True) if x is not None else _full_weight(p, masters)
+        del x
         if not rank0:
             yield name, None
         elif fresh and (value.device.type == "cpu" or not cpu_offload):
@@ -457,12 +445,26 @@ def engine_weights(engine: Any, cpu_offload: bool = True,
         yield name, _copy(buf, cpu_offload, buf.dtype) if rank0 else None
 
 
+def _full_weight(p: torch.Tensor, masters: dict[int, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The full fp32 weight of ``p`` as the masters hold it, and whether it is a gathered copy of our
+    own rather than a live tensor (collective at ZeRO-1/2/3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if id(p) in masters:
+        return masters[id(p)], False
+    if not p.requires_grad:
+        return _full_frozen(p), False
+    gathered = safe_get_full_fp32_param(p)
+    return (p, False) if gathered is None else (gathered, True)
+
+
 class _XOf:
-    """x = lerp(y, z, 1 - 1/b1) of one trained param from its full y, with the b1 of its group; y
-    itself where the group has not stepped yet (no z: eval() would leave it as it is too)."""
+    """Full x of one trained param: x = lerp(y, z, 1 - 1/b1) taken on this rank's fragment (as
+    eval() would, elementwise), then gathered once. None where eval() would leave the param as it
+    is (its group has not stepped, so it has no z) or for a param the optimizer does not hold."""
 
     def __init__(self, engine: Any, masters: dict[int, torch.Tensor]) -> None:
-        opt = engine.optimizer
+        opt = self.opt = engine.optimizer
         self.base = opt if isinstance(opt, ScheduleFreeOptimizer) else opt.optimizer
         self.masters = masters
         if hasattr(opt, "sub_group_to_group_id"):  # ZeRO-3: sub-groups of model params
@@ -473,26 +475,29 @@ class _XOf:
             pairs = [(lp, gi) for gi, g in enumerate(lp_groups) for lp in (g["params"] if isinstance(g, dict) else g)]
         self.group_of = {id(lp): gi for lp, gi in pairs}
 
-    def __call__(self, p: torch.Tensor, y: torch.Tensor, in_place: bool, rank0: bool) -> torch.Tensor:
-        """x of ``p`` on rank 0 (``y`` overwritten if ``in_place``), ``y`` elsewhere after the z gather."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        if id(p) not in self.group_of:  # trainable but never given to the optimizer
-            return y
+    def __call__(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """Collective at ZeRO-1/2/3 (the same decision on every rank: it depends on the group's k)."""
+        if id(p) not in self.group_of:
+            return None
         group = self.base.param_groups[self.group_of[id(p)]]
         if group["k"] == 0:
-            return y
-        if id(p) in self.masters:
-            z = self.base.state[self.masters[id(p)]]["z"]
-        elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            z = safe_get_full_optimizer_state(p, "z")
-        else:  # ZeRO-0 in fp32: the model's params are our optimizer's
-            z = self.base.state[p]["z"]
-        if not rank0:
-            return y
+            return None
         weight = 1 - 1 / self.base.interpolation(group)
-        z = z.reshape(y.shape)
-        return y.lerp_(z, weight) if in_place else y.detach().float().lerp(z.float(), weight)
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of y and z, one all-gather of x
+            y, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True)
+            z, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key="z")
+            return self.opt._fp32_state_allgather(p, y.lerp(z, weight))
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: this rank's fragment into a zero buffer, one all-reduce
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            mapping = p._hp_mapping
+            if mapping is not None:
+                address = mapping.lp_fragment_address
+                full.narrow(0, address.start, address.numel).copy_(
+                    mapping.get_hp_fragment().lerp(mapping.get_hp_fragment("z"), weight))
+            torch.distributed.all_reduce(full, group=p._dp_group)
+            return full
+        master = self.masters.get(id(p), p)  # ZeRO-0: the fp32 copy, or (fp32) the param itself
+        return master.detach().float().lerp(self.base.state[master]["z"].float(), weight)
 
 
 def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
