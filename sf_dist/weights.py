@@ -239,36 +239,30 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike,
     path = os.fspath(path)
     if max_shard_size is not None:
         parse_size(max_shard_size)  # a bad value fails here, on every rank, before any collective
-    if is_deepspeed(model):
-        tensors = eval_state_dict(model, optimizer, full=True, cpu_offload=True)
-        specs = [(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()]
-
-        def write_all() -> None:
-            writer = open_writer(path, specs, max_shard_size)
-            try:
-                for name, value in tensors.items():
-                    writer.write(name, value)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-
-        rank0_io(write_all, f"write {path}")
+    if is_deepspeed(model):  # x per tensor from DeepSpeed's full y and z; nothing is swapped
+        from .backends.deepspeed import engine_weight_specs, engine_weights
+        _stream(path, engine_weight_specs(model), engine_weights(model, as_x=True), max_shard_size)
         return
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
-        specs = [(n, v.dtype, tuple(v.shape)) for n, v in entries]
-        check_specs(specs)  # on every rank, before any collective
-        writer = rank0_io(lambda: open_writer(path, specs, max_shard_size), f"open {path} for writing")
-        failed: list[BaseException] = []
-        for name, value in entries:
-            whole = gather_x(value, x_of)
-            if writer is not None and not failed:
-                try:
-                    writer.write(name, whole)
-                except Exception as e:  # keep receiving: the other ranks are still sending
-                    failed.append(e)
-            del whole
+        _stream(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries],
+                ((name, gather_x(value, x_of)) for name, value in entries), max_shard_size)
+
+
+def _stream(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+            tensors: Iterable[tuple[str, Optional[Tensor]]], max_shard_size: Union[int, str, None]) -> None:
+    """Rank 0 writes each whole tensor as it arrives (None elsewhere); every rank runs through
+    ``tensors``, whose items are collectives, even after a failed write."""
+    check_specs(specs)  # on every rank, before any collective
+    writer = rank0_io(lambda: open_writer(path, specs, max_shard_size), f"open {path} for writing")
+    failed: list[BaseException] = []
+    for name, whole in tensors:
+        if writer is not None and not failed:
+            try:
+                writer.write(name, whole)
+            except Exception as e:  # keep receiving: the other ranks are still sending
+                failed.append(e)
+        del whole
 
     def finish() -> None:
         if failed:

@@ -3,7 +3,8 @@
     python -m sf_dist.bench export_memory [--big-mb 64 --small 400 --small-kb 256 --world 2]
 
 The model has one large tensor and many small ones. Each variant runs in fresh processes
-(FSDP2 over gloo at --world ranks, and a plain module in one process); a thread samples the
+(FSDP2 and, where DeepSpeed is installed, a DeepSpeed ZeRO-3 engine over gloo at --world ranks,
+and a plain module in one process); a thread samples the
 resident set size (Linux /proc) every millisecond, and the peak growth over the pre-export
 level is reported per rank, with its ratio to the model size. Linux with glibc only: large
 allocations are forced onto their own mmap so freed memory cannot be silently reused.
@@ -65,11 +66,31 @@ def _peak_growth(fn: Callable[[], None]) -> int:
     return max(peak[0], _rss()) - base
 
 
+class _Leaf(nn.Module):
+    """One tensor in a module of its own, so ZeRO-3 gathers it when its forward runs."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(rows, cols))
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale * self.weight.square().mean()
+
+
+class _Params(nn.Module):
+    """One large tensor and many small ones; the forward touches them all (for an engine's step)."""
+
+    def __init__(self, big_mb: int, small: int, small_kb: int) -> None:
+        super().__init__()
+        self.big = _Leaf(big_mb * MB // 4 // 1024, 1024)
+        self.small = nn.ModuleList(_Leaf(small_kb * 1024 // 4 // 64, 64) for _ in range(small))
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return self.big(scale) + sum(leaf(scale) for leaf in self.small)
+
+
 def _model(big_mb: int, small: int, small_kb: int) -> nn.Module:
-    model = nn.Module()
-    model.big = nn.Parameter(torch.randn(big_mb * MB // 4 // 1024, 1024))
-    model.small = nn.ParameterList(nn.Parameter(torch.randn(small_kb * 1024 // 4 // 64, 64)) for _ in range(small))
-    return model
+    return _Params(big_mb, small, small_kb)
 
 
 def _naive(model: nn.Module, opt: sf_dist.AdamWScheduleFree, path: str, sharded: bool) -> None:
@@ -107,9 +128,42 @@ def _measure(variant: str, sharded: bool, args: argparse.Namespace, out: str) ->
     return {"growth": growth}
 
 
-def _rank_main(rank: int, world: int, store: str, variant: str, args: argparse.Namespace, out: str) -> None:
+def _naive_engine(engine: nn.Module, opt: object, path: str) -> None:
+    """The engine's export before streaming: every tensor of x in one dict on rank 0, then save_file."""
+    from safetensors.torch import save_file
+    sd = sf_dist.eval_state_dict(engine, opt)
+    if dist.get_rank() == 0:
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    del sd
+
+
+def _measure_deepspeed(variant: str, args: argparse.Namespace, out: str) -> dict[str, int]:
+    """A DeepSpeed ZeRO-3 engine (fp32 masters, one step taken, in train mode) exporting x."""
+    import sf_dist.deepspeed as sfds
+    torch.set_num_threads(1)
+    _tight_malloc()
+    config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamWScheduleFree", "params": {"lr": 1e-3}}}
+    engine, opt, _, _ = sfds.initialize(model=_model(args.big_mb, args.small, args.small_kb), config=config)
+    opt.train()
+    engine.backward(engine(torch.ones(())))
+    engine.step()
+    path = os.path.join(out, f"ds_{variant}.safetensors")
+    if variant == "sf_dist":
+        return {"growth": _peak_growth(lambda: save_eval_weights(engine, opt, path))}
+    return {"growth": _peak_growth(lambda: _naive_engine(engine, opt, path))}
+
+
+def _rank_main(rank: int, world: int, store: str, variant: str, args: argparse.Namespace, out: str,
+               engine: str = "fsdp2") -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    result = _measure(variant, True, args, out)
+    if engine == "deepspeed":  # DeepSpeed reads the rank layout from the environment
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+        result = _measure_deepspeed(variant, args, out)
+        variant = f"ds_{variant}"
+    else:
+        result = _measure(variant, True, args, out)
     torch.save(result, os.path.join(out, f"{variant}.rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -133,6 +187,22 @@ def main() -> None:
             cells = "  ".join(f"rank{r} {row['growth'] / MB:7.1f} ({row['growth'] / MB / total_mb:.2f}x)"
                               for r, row in enumerate(rows))
             print(f"  {_label(variant):44s} {cells}")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            print("\nDeepSpeed ZeRO-3: skipped (deepspeed is not installed)")
+        else:
+            print(f"\nDeepSpeed ZeRO-3 engine, {args.world} ranks (peak RSS growth during the export, MB; "
+                  "ratio to model size)")
+            for variant in ("naive", "sf_dist"):
+                store = os.path.join(out, f"store_ds_{variant}")
+                mp.spawn(_rank_main, args=(args.world, store, variant, args, out, "deepspeed"), nprocs=args.world)
+                rows = [torch.load(os.path.join(out, f"ds_{variant}.rank{r}.pt")) for r in range(args.world)]
+                cells = "  ".join(f"rank{r} {row['growth'] / MB:7.1f} ({row['growth'] / MB / total_mb:.2f}x)"
+                                  for r, row in enumerate(rows))
+                label = "sf_dist.save_eval_weights (streamed)" if variant == "sf_dist" else \
+                    "eval_state_dict + save_file (before)"
+                print(f"  {label:44s} {cells}")
         print("\nplain module, one process")
         for variant in ("naive", "sf_dist"):
             ctx = mp.get_context("spawn")

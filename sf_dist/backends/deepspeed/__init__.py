@@ -23,8 +23,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
+from .skip import step_with_one_decision
+from .universal import load_stage12, load_stage3
 
-__all__ = ["initialize", "attach", "engine_state_dict", "is_deepspeed", "OPTIMIZERS"]
+__all__ = ["initialize", "attach", "engine_state_dict", "engine_weights", "engine_weight_specs", "is_deepspeed",
+           "OPTIMIZERS"]
 
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
 
@@ -271,6 +274,16 @@ class _ZeRO12(_EngineScheduleFree):
     def _sf_refresh(self) -> None:
         self.update_lp_params()
 
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's step, skipped or taken for every group together (see skip.py)."""
+        if not hasattr(self, "check_grad_overflow"):  # BF16_Optimizer: checks the global norm itself
+            return super().step(*args, **kwargs)
+        return step_with_one_decision(self, self.optimizer, lambda: super(_ZeRO12, self).step(*args, **kwargs))
+
+    def load_hp_checkpoint_state_from_checkpoint_dir(self, lp_groups_name: str, checkpoint_dir: str) -> None:
+        """A universal checkpoint, also on a rank that holds nothing of some group (see universal.py)."""
+        load_stage12(self, getattr(self, lp_groups_name), checkpoint_dir)
+
     def _lazy_init_hp_params_optimizer_state(self) -> None:
         """Link DeepSpeed's per-param views of z and the moments once EVERY group has them.
 
@@ -313,6 +326,10 @@ class _ZeRO3(_EngineScheduleFree):
             self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
         if self.persistent_parameters:
             self.persistent_parameters[0].all_gather(self.persistent_parameters)
+
+    def load_hp_checkpoint_state_from_checkpoint_dir_stage3(self, checkpoint_dir: str) -> None:
+        """A universal checkpoint's every state key and per-group values (DeepSpeed's assumes Adam's)."""
+        load_stage3(self, checkpoint_dir)
 
     @contextlib.contextmanager
     def _sf_masters_visible(self) -> Iterator[None]:
@@ -390,30 +407,103 @@ def engine_state_dict(engine: Any, full: bool = True, cpu_offload: bool = True) 
         raise ValueError("full=False is not supported for DeepSpeed engines: their shards are flat "
                          "partitions with no per-name layout. Use full=True, or engine.save_checkpoint "
                          "and `python -m sf_dist.export` for a sharded save")
-    from deepspeed.utils import safe_get_full_fp32_param
+    return {name: t for name, t in engine_weights(engine, cpu_offload) if t is not None}
 
+
+def engine_weight_specs(engine: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what ``engine_weights`` yields, in its order; no communication."""
+    module = engine.module
+    specs = [(name, torch.float32, tuple(_shape(p))) for name, p in module.named_parameters(remove_duplicate=False)]
+    return specs + [(name, buf.dtype, tuple(buf.shape)) for name, buf in _persistent_buffers(module)]
+
+
+@torch.no_grad()
+def engine_weights(engine: Any, cpu_offload: bool = True,
+                   as_x: bool = False) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(name, a copy of the fp32 weight) one at a time, params then persistent buffers; the tensor is
+    None on ranks other than 0. Collective: every rank must run the generator to its end.
+
+    ``as_x``: x even in train mode, taken on each rank's fragment of y and z and gathered one
+    tensor at a time (nothing is swapped, and no rank holds more than one gathered tensor).
+    """
     module = engine.module
     masters = _stage0_masters(engine.optimizer)
+    x_of = _XOf(engine, masters) if as_x and engine.optimizer.train_mode else None
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in masters:
-            value = masters[id(p)]
-        elif p.requires_grad:
-            value = safe_get_full_fp32_param(p)  # collective at ZeRO-1/2/3
-            if value is None:
-                value = p
+        x = x_of(p) if x_of is not None and p.requires_grad else None  # collective at ZeRO-1/2/3
+        value, fresh = (x, True) if x is not None else _full_weight(p, masters)
+        del x
+        if not rank0:
+            yield name, None
+        elif fresh and (value.device.type == "cpu" or not cpu_offload):
+            yield name, value.detach().reshape(_shape(p))  # already a copy of our own
         else:
-            value = _full_frozen(p)
-        if rank0:
-            out[name] = _copy(value.reshape(_shape(p)), cpu_offload, torch.float32)
-    if rank0:
-        non_persistent = {f"{m}.{b}" if m else b for m, sub in module.named_modules()
-                          for b in sub._non_persistent_buffers_set}
-        for name, buf in module.named_buffers(remove_duplicate=False):
-            if name not in non_persistent:
-                out[name] = _copy(buf, cpu_offload, buf.dtype)
-    return out
+            yield name, _copy(value.reshape(_shape(p)), cpu_offload, torch.float32)
+        del value
+    for name, buf in _persistent_buffers(module):
+        yield name, _copy(buf, cpu_offload, buf.dtype) if rank0 else None
+
+
+def _full_weight(p: torch.Tensor, masters: dict[int, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The full fp32 weight of ``p`` as the masters hold it, and whether it is a gathered copy of our
+    own rather than a live tensor (collective at ZeRO-1/2/3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if id(p) in masters:
+        return masters[id(p)], False
+    if not p.requires_grad:
+        return _full_frozen(p), False
+    gathered = safe_get_full_fp32_param(p)
+    return (p, False) if gathered is None else (gathered, True)
+
+
+class _XOf:
+    """Full x of one trained param: x = lerp(y, z, 1 - 1/b1) taken on this rank's fragment (as
+    eval() would, elementwise), then gathered once. None where eval() would leave the param as it
+    is (its group has not stepped, so it has no z) or for a param the optimizer does not hold."""
+
+    def __init__(self, engine: Any, masters: dict[int, torch.Tensor]) -> None:
+        opt = self.opt = engine.optimizer
+        self.base = opt if isinstance(opt, ScheduleFreeOptimizer) else opt.optimizer
+        self.masters = masters
+        if hasattr(opt, "sub_group_to_group_id"):  # ZeRO-3: sub-groups of model params
+            pairs = [(lp, opt.sub_group_to_group_id[i]) for i, lps in enumerate(opt.fp16_groups) for lp in lps]
+        else:  # ZeRO-1/2, BF16_Optimizer, ZeRO-0 (the fp32 copies' groups, or our own optimizer's)
+            lp_groups = next(getattr(opt, a) for a in ("bit16_groups", "bf16_groups", "fp16_groups", "param_groups")
+                             if hasattr(opt, a))
+            pairs = [(lp, gi) for gi, g in enumerate(lp_groups) for lp in (g["params"] if isinstance(g, dict) else g)]
+        self.group_of = {id(lp): gi for lp, gi in pairs}
+
+    def __call__(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """Collective at ZeRO-1/2/3 (the same decision on every rank: it depends on the group's k)."""
+        if id(p) not in self.group_of:
+            return None
+        group = self.base.param_groups[self.group_of[id(p)]]
+        if group["k"] == 0:
+            return None
+        weight = 1 - 1 / self.base.interpolation(group)
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of y and z, one all-gather of x
+            y, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True)
+            z, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key="z")
+            return self.opt._fp32_state_allgather(p, y.lerp(z, weight))
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: this rank's fragment into a zero buffer, one all-reduce
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            mapping = p._hp_mapping
+            if mapping is not None:
+                address = mapping.lp_fragment_address
+                full.narrow(0, address.start, address.numel).copy_(
+                    mapping.get_hp_fragment().lerp(mapping.get_hp_fragment("z"), weight))
+            torch.distributed.all_reduce(full, group=p._dp_group)
+            return full
+        master = self.masters.get(id(p), p)  # ZeRO-0: the fp32 copy, or (fp32) the param itself
+        return master.detach().float().lerp(self.base.state[master]["z"].float(), weight)
+
+
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    non_persistent = {f"{m}.{b}" if m else b for m, sub in module.named_modules()
+                      for b in sub._non_persistent_buffers_set}
+    return [(name, buf) for name, buf in module.named_buffers(remove_duplicate=False) if name not in non_persistent]
 
 
 def _stage0_masters(engine_optimizer: Any) -> dict[int, torch.Tensor]:
