@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .optim import COUNTERS
 from .backends.deepspeed import is_deepspeed
 from .distributed import agreed_train_mode, rank0_io
+from .frameworks import unwrap_optimizer
 from .weights import own_state_dict_calls
 
 __all__ = ["save", "load", "latest"]
@@ -42,6 +43,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
     >>> sf_dist.checkpoint.save("ckpt/step_1000", model, opt, extra={"step": 1000})
     """
     path = _checked_path(path, model)
+    optimizer = unwrap_optimizer(optimizer)
     agreed_train_mode(optimizer)
     tmp = path + ".tmp"
 
@@ -63,6 +65,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     >>> extra = sf_dist.checkpoint.load("ckpt/step_1000", model, opt)
     """
     path = _checked_path(path, model)
+    optimizer = unwrap_optimizer(optimizer)
     metadata = _read_metadata(path)
     state = _state(model, optimizer, None)
     _check_model_keys(path, metadata, state["model"])
