@@ -192,3 +192,173 @@ def test_trainer_evaluates_saves_and_resumes_at_x(case, tmp_path):
         assert r["before"] == pytest.approx(_loss_at(_gpt2().state_dict()), rel=RTOL, abs=ATOL)
     if stage is not None:
         assert r["wrapper"] == "DeepSpeedOptimizerWrapper"
+
+
+# ---- Accelerate's DeepSpeed plugin and plain deepspeed.initialize, through the config entry ------------------
+
+def _batch(step: int, rank: int) -> dict:
+    """Rank ``rank``'s 2 rows of training step ``step`` (the 12 rows cycle)."""
+    rows = [TRAIN[(step * 2 * WORLD + 2 * rank + i) % len(TRAIN)] for i in range(2)]
+    return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
+
+
+def _eval_batch() -> dict:
+    return {k: torch.stack([r[k] for r in EVAL]) for k in ("input_ids", "labels")}
+
+
+def _engine_run(rank: int, step_fn, steps: range, opt, engine, save=None) -> dict:
+    """Train ``steps``; at RESUME_AT call ``save`` in eval mode. Returns y and z after the last step."""
+    opt.train()
+    for step in steps:
+        step_fn(_batch(step, rank))
+        if save is not None and step + 1 == RESUME_AT:
+            opt.eval()
+            save()
+            sf_dist.frameworks.unwrap_optimizer(opt).drop_train_copy()  # as ScheduleFreeCallback does
+            opt.train()
+    return _y_and_z(None, None, engine)
+
+
+def _engine_worker(rank: int, world: int, root: str) -> dict:
+    import deepspeed
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DummyOptim
+    import sf_dist.frameworks  # noqa: F401
+
+    sfds.register()
+    sfds.register()  # idempotent
+    out: dict = {}
+
+    # plain deepspeed.initialize with {"type": "AdamWScheduleFree"}
+    def build():
+        model = _gpt2()
+        return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(2))[:2]
+
+    def ds_step(engine):
+        def step(batch):
+            engine.backward(engine(**batch).loss)
+            engine.step()
+        return step
+
+    engine, opt = build()
+    ckpt = os.path.join(root, "ds")
+    y, z = _engine_run(rank, ds_step(engine), range(STEPS), opt, engine, lambda: engine.save_checkpoint(ckpt, tag="s4"))
+    opt.eval()
+    with torch.no_grad():
+        reported = engine(**_eval_batch()).loss.item()
+    opt.train()
+    sf_dist.save_eval_weights(engine, opt, os.path.join(root, "ds.safetensors"))  # from train mode
+    resumed_engine, resumed_opt = build()
+    resumed_engine.load_checkpoint(ckpt, tag="s4")
+    resumed = _engine_run(rank, ds_step(resumed_engine), range(RESUME_AT, STEPS), resumed_opt, resumed_engine)
+    out["deepspeed"] = {"y": y, "z": z, "reported": reported, "resumed": resumed, "mode": opt.train_mode,
+                        "wrapper": type(opt).__name__}
+
+    # sf_dist.deepspeed.initialize still works once registered (no recursion); other optimizers pass through
+    model = _gpt2()
+    engine, opt, _, _ = sfds.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(1))
+    out["sf_initialize"] = type(opt.optimizer).__name__
+    model = _gpt2()
+    config = {**_ds_config(0), "optimizer": {"type": "SGD", "params": {"lr": LR}}}  # torch.optim.SGD: no JIT build
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    out["pass_through"] = (type(opt).__module__, hasattr(type(opt), "train_mode"))  # ZeRO-0 fp32: torch's own
+
+    # allow_scheduler=True with a callable lr_scheduler (what HF Trainer passes): builds, steps, keeps the schedule
+    model = _gpt2()
+    engine, opt, _, sched = sfds.initialize(
+        model=model, model_parameters=model.parameters(), config=_ds_config(2), allow_scheduler=True,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5))
+    opt.train()
+    ds_step(engine)(_batch(0, rank))
+    out["scheduled"] = (type(sched).__name__, opt.optimizer.param_groups[0]["lr"], opt.optimizer.param_groups[0]["k"])
+
+    # Accelerate's DeepSpeed plugin with the config entry; every helper takes Accelerate's optimizer
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_ds_config(2)))
+    model = _gpt2()
+    model, opt = accelerator.prepare(model, DummyOptim(model.parameters(), lr=LR))
+
+    def acc_step(batch):
+        accelerator.backward(model(**batch).loss)
+        opt.step()
+        opt.zero_grad()
+
+    ckpt = os.path.join(root, "acc")
+    y, z = _engine_run(rank, acc_step, range(STEPS), opt, model, lambda: accelerator.save_state(ckpt))
+    opt.eval()
+    with torch.no_grad():
+        reported = model(**_eval_batch()).loss.item()
+    opt.train()
+    with torch.no_grad(), sf_dist.eval_weights(model, opt):
+        in_context = model(**_eval_batch()).loss.item()
+    sf_dist.save_eval_weights(model, opt, os.path.join(root, "acc.safetensors"))
+    state = sf_dist.eval_state_dict(model, opt)
+    accelerator.load_state(ckpt)
+    resumed = _engine_run(rank, acc_step, range(RESUME_AT, STEPS), opt, model)
+    out["accelerate"] = {"y": y, "z": z, "reported": reported, "resumed": resumed, "in_context": in_context,
+                         "state": state, "mode": opt.optimizer.train_mode, "wrapper": type(opt).__name__}
+    if rank != 0:
+        return {}
+    from safetensors.torch import load_file
+
+    out["deepspeed"]["saved"] = load_file(os.path.join(root, "ds.safetensors"))
+    out["accelerate"]["saved"] = load_file(os.path.join(root, "acc.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    return run_distributed(_engine_worker, WORLD, str(tmp_path_factory.mktemp("engines")), timeout=400)[0]
+
+
+@pytest.mark.parametrize("case", ["deepspeed", "accelerate"])
+def test_config_entry_evaluates_saves_and_resumes_at_x(engine_runs, case):
+    r = engine_runs[case]
+    x = _x_of(r["y"], r["z"])
+    loss_x, loss_y = _loss_at(x), _loss_at(r["y"])
+    assert abs(loss_x - loss_y) > 1e-4
+    assert r["reported"] == pytest.approx(loss_x, rel=RTOL, abs=ATOL)  # a bare opt.eval() reached the engine
+    assert r["mode"] is True and r["wrapper"].startswith(("ScheduleFree", "DeepSpeedOptimizerWrapper"))
+    _close(r["saved"], x)
+    _close(r["resumed"][0], r["y"])
+    _close(r["resumed"][1], r["z"])
+    if case == "accelerate":  # the helpers took Accelerate's DeepSpeedOptimizerWrapper
+        assert r["in_context"] == pytest.approx(loss_x, rel=RTOL, abs=ATOL)
+        _close(r["state"], x)
+
+
+def test_registered_initialize_keeps_sf_initialize_and_other_optimizers(engine_runs):
+    assert engine_runs["sf_initialize"] == "AdamWScheduleFree"
+    module, has_mode = engine_runs["pass_through"]
+    assert module == "torch.optim.sgd"
+    assert not has_mode  # DeepSpeed's own optimizer, not given Schedule-Free train()/eval()
+
+
+def test_allowed_callable_scheduler_builds_and_schedules(engine_runs):
+    kind, lr, k = engine_runs["scheduled"]
+    assert kind == "LambdaLR" and lr == pytest.approx(LR * 0.5) and k == 1
+
+
+# ---- refusals, before any engine is built ---------------------------------------------------------------------
+
+def test_registered_config_refuses_a_scheduler_entry_and_bad_params():
+    import deepspeed
+
+    sfds.register()
+    model = nn.Linear(2, 2)
+    config = {**_ds_config(2), "scheduler": {"type": "WarmupLR", "params": {}}}
+    with pytest.raises(ValueError, match=r"(?s)ds_config has a 'scheduler' entry \('WarmupLR'\).*needs no lr schedule"):
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    config = {**_ds_config(2), "optimizer": {"type": "adamwschedulefree", "params": {"lr": LR, "warmup": 3}}}
+    with pytest.raises(ValueError, match=r"bad params for AdamWScheduleFree.*valid keys: \['lr', 'betas'"):
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+
+def test_callable_lr_scheduler_refusal_names_the_argument():
+    model = nn.Linear(2, 2)
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    with pytest.raises(ValueError, match=r"(?s)^lr_scheduler= was passed \(.*make_scheduler\).*allow_scheduler=True"):
+        sfds.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(2),
+                        lr_scheduler=make_scheduler)

@@ -278,6 +278,7 @@ class _EngineScheduleFree:
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.__dict__.pop("_sf_y", None)
+        self.__dict__.pop("_sf_all_linked", None)  # the load re-creates DeepSpeed's per-param views: link again
         return super().load_state_dict(*args, **kwargs)
 
     def refresh_fp32_params(self, *args: Any, **kwargs: Any) -> Any:
