@@ -20,23 +20,26 @@ __all__ = ["unwrap_optimizer", "bind"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The Schedule-Free optimizer inside framework wrappers: the first object with ``train_mode``,
-    a DeepSpeed engine optimizer (given sf_dist's ``train()``/``eval()`` through ``attach``), or an error.
+    """The Schedule-Free optimizer inside framework wrappers: following ``.optimizer`` down to sf_dist's
+    optimizer (or one with ``train_mode``), a DeepSpeed engine optimizer on the way being given sf_dist's
+    ``train()``/``eval()`` through ``attach`` and returned; a TypeError naming the chain otherwise.
 
     >>> sf_opt = unwrap_optimizer(trainer.optimizer)   # AcceleratedOptimizer, DeepSpeedOptimizerWrapper, ...
     """
     current, chain = optimizer, []
     while True:
-        if hasattr(type(current), "train_mode") or isinstance(current, ScheduleFreeOptimizer):
-            return current
         inner = getattr(current, "optimizer", None)
         if is_deepspeed(current) and isinstance(inner, ScheduleFreeOptimizer):
             return attach(current)
         chain.append(type(current).__name__)
-        if inner is None or inner is current or len(chain) > 8:
+        if inner is None or inner is current:
+            if hasattr(type(current), "train_mode"):
+                return current
             raise TypeError(f"{' -> '.join(chain)} holds no Schedule-Free optimizer: build the optimizer with "
                             "sf_dist (sf_dist.AdamWScheduleFree, ...) or name it in ds_config after "
                             "sf_dist.deepspeed.register()")
+        if len(chain) > 8:
+            raise TypeError(f"{' -> '.join(chain)}: optimizer wrappers nested too deep to unwrap")
         current = inner
 
 
