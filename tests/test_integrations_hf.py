@@ -32,7 +32,9 @@ SF_ENTRY = {"type": "AdamWScheduleFree", "params": {"lr": LR, "warmup_steps": WA
 
 def _gpt2() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    # no dropout: a plain DeepSpeed checkpoint does not carry the RNG state a resume would need for the same masks
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -202,8 +204,13 @@ def _batch(step: int, rank: int) -> dict:
     return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
 
 
-def _eval_batch() -> dict:
-    return {k: torch.stack([r[k] for r in EVAL]) for k in ("input_ids", "labels")}
+def _eval_loss(model) -> float:
+    """The loss the engine computes on the eval set (module in eval mode: no dropout)."""
+    model.eval()
+    with torch.no_grad():
+        loss = model(**{k: torch.stack([r[k] for r in EVAL]) for k in ("input_ids", "labels")}).loss.item()
+    model.train()
+    return loss
 
 
 def _engine_run(rank: int, step_fn, steps: range, opt, engine, save=None) -> dict:
@@ -244,8 +251,7 @@ def _engine_worker(rank: int, world: int, root: str) -> dict:
     ckpt = os.path.join(root, "ds")
     y, z = _engine_run(rank, ds_step(engine), range(STEPS), opt, engine, lambda: engine.save_checkpoint(ckpt, tag="s4"))
     opt.eval()
-    with torch.no_grad():
-        reported = engine(**_eval_batch()).loss.item()
+    reported = _eval_loss(engine)
     opt.train()
     sf_dist.save_eval_weights(engine, opt, os.path.join(root, "ds.safetensors"))  # from train mode
     resumed_engine, resumed_opt = build()
@@ -285,11 +291,10 @@ def _engine_worker(rank: int, world: int, root: str) -> dict:
     ckpt = os.path.join(root, "acc")
     y, z = _engine_run(rank, acc_step, range(STEPS), opt, model, lambda: accelerator.save_state(ckpt))
     opt.eval()
-    with torch.no_grad():
-        reported = model(**_eval_batch()).loss.item()
+    reported = _eval_loss(model)
     opt.train()
-    with torch.no_grad(), sf_dist.eval_weights(model, opt):
-        in_context = model(**_eval_batch()).loss.item()
+    with sf_dist.eval_weights(model, opt):
+        in_context = _eval_loss(model)
     sf_dist.save_eval_weights(model, opt, os.path.join(root, "acc.safetensors"))
     state = sf_dist.eval_state_dict(model, opt)
     accelerator.load_state(ckpt)
