@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install sf_dist with its test, DeepSpeed, example and Hugging Face extras. Idempotent: a
+# Create .venv and install sf_dist with its test, DeepSpeed, example and integration (hf, lightning) extras. Idempotent: a
 # second run with an unchanged pyproject.toml returns at once.
 # TORCH_SPEC picks the torch build (default: the CPU wheel this project is tested with).
 set -euo pipefail
@@ -15,5 +15,5 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 # torch first: an open range with no torch installed would pull a multi-GB CUDA build.
 "$venv/bin/python" -m pip install -q "$torch_spec"
-"$venv/bin/python" -m pip install -q -e ".[test,deepspeed,examples,hf]"
+"$venv/bin/python" -m pip install -q -e ".[test,deepspeed,examples,hf,lightning]"
 echo "$want" > "$stamp"

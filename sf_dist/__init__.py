@@ -11,6 +11,7 @@ from typing import Any
 
 from . import checkpoint
 from .bn import recalibrate_bn
+from .frameworks import bind
 from .optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
 from .weights import eval_state_dict, eval_weights, register_eval_state_dict_hook, save_eval_weights
 from .backends.zero import ZeroScheduleFree
@@ -18,14 +19,14 @@ from .backends.zero import ZeroScheduleFree
 __all__ = [
     "AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree", "ScheduleFreeOptimizer", "ZeroScheduleFree",
     "eval_weights", "eval_state_dict", "save_eval_weights", "register_eval_state_dict_hook",
-    "recalibrate_bn", "checkpoint", "deepspeed",
+    "recalibrate_bn", "bind", "checkpoint", "deepspeed", "integrations",
 ]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """``sf_dist.deepspeed`` is imported on first use: DeepSpeed is an optional extra."""
-    if name == "deepspeed":
+    """``sf_dist.deepspeed`` and ``sf_dist.integrations`` are imported on first use: optional extras."""
+    if name in ("deepspeed", "integrations"):
         import importlib
 
         return importlib.import_module(".deepspeed", __name__)

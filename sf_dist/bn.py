@@ -12,15 +12,19 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backends.fsdp import drop_gathered_copies
+from .weights import eval_weights
+
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[Any], opt: torch.optim.Optimizer) -> None:
+def recalibrate_bn(model: nn.Module, batches: Iterable[Any], opt: Any) -> None:
     """Reset every BatchNorm's running stats and recompute them from ``batches`` at x.
 
     Statistics are the equal-weight average over batches (``momentum=None``), as
     ``torch.optim.swa_utils.update_bn`` does. A batch is a tensor, a tuple/list whose first
-    item is the input, or a dict of keyword arguments. The optimizer and model modes, and each
-    BN's momentum, are restored afterwards. Models without BatchNorm are left untouched.
+    item is the input, or a dict of keyword arguments. The optimizer (sf_dist's, or one a
+    framework wraps) and model modes, and each BN's momentum, are restored afterwards; under
+    FSDP the forwards gather x, never a stale gathered copy. Models without BatchNorm are left untouched.
 
     >>> sf_dist.recalibrate_bn(model, (x for x, _ in train_loader), optimizer)
     """
@@ -28,26 +32,25 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], opt: torch.optim.Op
     if not bns:
         return
     was_training = model.training
-    was_train_mode = all(group["train_mode"] for group in opt.param_groups)
     momenta = [bn.momentum for bn in bns]
-    opt.eval()
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        model.train()
-        seen = 0
-        for batch in batches:
-            if isinstance(batch, dict):
-                model(**batch)
-            else:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-            seen += 1
-        if seen == 0:
-            raise ValueError("recalibrate_bn got no batches: pass an iterable that yields at least one batch")
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
-        if was_train_mode:
-            opt.train()
+    drop_gathered_copies(model)  # gathered before this call: possibly at y
+    with eval_weights(model, opt):
+        try:
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+            model.train()
+            seen = 0
+            for batch in batches:
+                if isinstance(batch, dict):
+                    model(**batch)
+                else:
+                    model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                seen += 1
+            if seen == 0:
+                raise ValueError("recalibrate_bn got no batches: pass an iterable that yields at least one batch")
+        finally:
+            for bn, momentum in zip(bns, momenta):
+                bn.momentum = momentum
+            model.train(was_training)
+            drop_gathered_copies(model)  # gathered at x: the next training forward must gather y

@@ -45,6 +45,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.process_group: Optional[Any] = None  # ranks that agree on mode and finiteness (None: all)
+        self.swap_hooks: list[Callable[[], None]] = []  # run before a y <-> x swap (sf_dist.bind)
         _validate(defaults)
         if defaults["foreach"] and defaults["fused"]:
             raise ValueError("foreach=True and fused=True are exclusive: pick one kernel path")
@@ -98,6 +99,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         self._swap(to_train=False)
 
     def _swap(self, to_train: bool) -> None:
+        if any(group["train_mode"] != to_train for group in self.param_groups):
+            for hook in self.__dict__.get("swap_hooks", ()):
+                hook()
         for group in self.param_groups:
             if group["train_mode"] == to_train:
                 continue

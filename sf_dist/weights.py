@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .backends.deepspeed import is_deepspeed
 from .backends.fsdp import drop_gathered_copies, gather_x, is_fsdp1, is_sharded, is_sharded_tensor
 from .distributed import agreed_train_mode, rank0_io
+from .frameworks import unwrap_optimizer
 from .kernels import swap_
 from .optim import ScheduleFreeOptimizer, local
 from .safetensors_stream import check_specs, open_writer, parse_size
@@ -34,9 +35,12 @@ def eval_weights(model: nn.Module, optimizer: Any) -> Iterator[nn.Module]:
     """Context manager: the params hold x inside, y again afterwards (bitwise for sf_dist's own
     optimizers, which restore a copy of the local shard rather than re-deriving y).
 
+    ``optimizer`` may be the one a framework hands out (Accelerate's, DeepSpeed's engine optimizer).
+
     >>> with sf_dist.eval_weights(model, opt):
     ...     val_loss = evaluate(model)
     """
+    optimizer = unwrap_optimizer(optimizer)
     if not optimizer.train_mode:
         yield model
         return
@@ -197,6 +201,7 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
     every rank), gathered one tensor at a time. ``full=False``: this rank's shards (DTensors on
     FSDP2), ready for torch.distributed.checkpoint.
     """
+    optimizer = unwrap_optimizer(optimizer)
     agreed_train_mode(optimizer)
     if is_deepspeed(model):
         from .backends.deepspeed import engine_state_dict
@@ -235,6 +240,7 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike,
     >>> sf_dist.save_eval_weights(model, opt, "model.safetensors")
     >>> sf_dist.save_eval_weights(model, opt, "hf_dir", max_shard_size="5GB")
     """
+    optimizer = unwrap_optimizer(optimizer)
     agreed_train_mode(optimizer)
     path = os.fspath(path)
     if max_shard_size is not None:
@@ -292,6 +298,7 @@ def register_eval_state_dict_hook(model: nn.Module, optimizer: Any) -> EvalState
     The whole state_dict call is wrapped, so the swap happens around the engine's own hooks
     (FSDP1 unshards inside them). sf_dist.checkpoint still stores y.
     """
+    optimizer = unwrap_optimizer(optimizer)
     if "state_dict" in model.__dict__:
         raise RuntimeError("an eval state_dict hook (or another state_dict override) is already on this "
                            "model: remove() the previous handle first")

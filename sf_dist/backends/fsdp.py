@@ -73,7 +73,9 @@ def _reshard_fsdp1(module: nn.Module) -> None:
     as FSDP1 itself does after backward."""
     from torch.distributed.fsdp._runtime_utils import _reshard
     handle = module._handle
-    if handle is not None and handle.uses_sharded_strategy and not handle.needs_unshard():
+    if handle is None or not hasattr(handle.flat_param, "_full_param_padded"):
+        return  # no forward yet: nothing was ever gathered (FSDP1 builds that buffer lazily)
+    if handle.uses_sharded_strategy and not handle.needs_unshard():
         _reshard(module, handle, free_unsharded_flat_param=True)
 
 

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..backends.deepspeed import is_deepspeed
 from ..distributed import agreed_train_mode, every_rank_io, multi_rank, rank, rank0_io
+from ..frameworks import unwrap_optimizer
 from ..optim import COUNTERS
 from ..safetensors_stream import atomic_write, fsync_dir
 from ..weights import own_state_dict_calls
@@ -54,6 +55,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
     >>> sf_dist.checkpoint.save("ckpt/step_1000", model, opt, extra={"step": 1000})
     """
     path = _checked_path(path, model)
+    optimizer = unwrap_optimizer(optimizer)
     agreed_train_mode(optimizer)
     encoded = every_rank_io(lambda: dumps(encode(extra)), "store extra (JSON data and tensors only)")
     tmp = path + ".tmp"
@@ -85,6 +87,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     >>> extra = sf_dist.checkpoint.load("ckpt/step_1000", model, opt)
     """
     path = _checked_path(path, model)
+    optimizer = unwrap_optimizer(optimizer)
     path, manifest = _resolve(path)
     _check_optimizer(path, manifest, optimizer)
     metadata = read_metadata(path)

@@ -18,25 +18,27 @@ import argparse
 import contextlib
 import inspect
 import json
+import types
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
+from .register import deepspeed_initialize, register
 from .skip import step_with_one_decision
 from .universal import load_stage12, load_stage3
 
-__all__ = ["initialize", "attach", "engine_state_dict", "engine_weights", "engine_weight_specs", "is_deepspeed",
-           "OPTIMIZERS"]
+__all__ = ["initialize", "register", "attach", "engine_state_dict", "engine_weights", "engine_weight_specs",
+           "is_deepspeed", "OPTIMIZERS"]
 
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
 
 SCHEDULER_REFUSAL = (
-    "ds_config has a 'scheduler' entry ({name}) next to the Schedule-Free optimizer {opt}. "
-    "Schedule-Free needs no lr schedule: its average x is what a decaying schedule would "
-    "approximate, and a scheduler that lowers lr would also change the averaging weights. "
-    "Put warmup in the optimizer's params instead (\"warmup_steps\": N; RAdamScheduleFree needs "
-    "none) and remove the scheduler, or pass allow_scheduler=True if you really want both."
+    "{what} next to the Schedule-Free optimizer {opt}. Schedule-Free needs no lr schedule: its "
+    "average x is what a decaying schedule would approximate, and a scheduler that lowers lr would "
+    "also change the averaging weights. Put warmup in the optimizer's params instead "
+    "(\"warmup_steps\": N; RAdamScheduleFree needs none) and remove the scheduler, or pass "
+    "allow_scheduler=True if you really want both."
 )
 
 
@@ -47,7 +49,7 @@ def is_deepspeed(model: Any) -> bool:
 
 def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimizer: Any = None,
                model_parameters: Any = None, *, config: Any = None, allow_scheduler: bool = False,
-               **kwargs: Any) -> tuple:
+               accept_lr_scheduler: bool = False, **kwargs: Any) -> tuple:
     """Drop-in for ``deepspeed.initialize`` that also accepts a Schedule-Free optimizer entry.
 
     ``config`` (dict or JSON path; or ``config_params`` / ``args.deepspeed_config`` as in
@@ -56,9 +58,11 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
     optimizer may also be passed as ``optimizer=``. Returns ``(engine, optimizer, dataloader,
     lr_scheduler)`` like DeepSpeed; the optimizer has ``train()``, ``eval()`` and ``train_mode``.
     A ``scheduler`` entry (or ``lr_scheduler=``) next to a Schedule-Free optimizer is refused
-    unless ``allow_scheduler=True``. Configs without Schedule-Free pass through untouched.
+    unless ``allow_scheduler=True``; ``accept_lr_scheduler=True`` lets ``lr_scheduler=`` through
+    but still refuses a config entry (what :func:`register` does for frameworks, which always pass
+    one). Configs without Schedule-Free pass through untouched.
     """
-    import deepspeed
+    ds_initialize = deepspeed_initialize()
 
     source = config if config is not None else kwargs.get("config_params")
     from_args = source is None and getattr(args, "deepspeed_config", None) is not None
@@ -69,7 +73,7 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
     if name is not None:
         schedule_free = _check_name(name) or schedule_free
     if not schedule_free:  # DeepSpeed gets the arguments exactly as given
-        result = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+        result = ds_initialize(args=args, model=model, optimizer=optimizer,
                                       model_parameters=model_parameters, config=config, **kwargs)
         if isinstance(getattr(result[0], "basic_optimizer", None), ScheduleFreeOptimizer):
             attach(result[1])  # a callable passed as optimizer= built one of ours
@@ -83,7 +87,8 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
     if model is None:
         raise ValueError("sf_dist.deepspeed.initialize requires model=")
     sf_name = type(optimizer).__name__ if optimizer is not None else name
-    _refuse_scheduler(config, kwargs.get("lr_scheduler"), sf_name, allow_scheduler)
+    lr_scheduler = None if accept_lr_scheduler else kwargs.get("lr_scheduler")
+    _refuse_scheduler(config, lr_scheduler, sf_name, allow_scheduler)
     config = _prepare_config(config)
     hold = _ConstructionStep()
     if name is not None and optimizer is not None:
@@ -95,7 +100,7 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, optimi
         client = _factory(name, entry.get("params") or {}, hold)
         config = {k: v for k, v in config.items() if k != "optimizer"}
     try:
-        engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(
+        engine, engine_optimizer, dataloader, scheduler = ds_initialize(
             args=args, model=model, optimizer=client, model_parameters=model_parameters, config=config, **kwargs)
     finally:
         hold.release()
@@ -108,20 +113,31 @@ class _ConstructionStep:
     DeepSpeed's fp16/bf16 wrappers at ZeRO-0 run a zero-gradient step() at construction to create
     state; for Schedule-Free it would raise (eval mode) or advance k and weight_sum and apply
     weight decay. State is created at the first real step instead, from the weights of that
-    moment (which a weights-only checkpoint load may have replaced).
+    moment (which a weights-only checkpoint load may have replaced). The stand-in is a bound
+    method, as torch's LR schedulers (built inside deepspeed.initialize) require to wrap it; once
+    released it calls the class's step, so a scheduler's wrapper around it keeps working.
     """
 
     def __init__(self) -> None:
-        self.held: list[ScheduleFreeOptimizer] = []
+        self.held: list[tuple[ScheduleFreeOptimizer, types.MethodType]] = []
+        self.active = True
 
     def __call__(self, opt: ScheduleFreeOptimizer) -> ScheduleFreeOptimizer:
-        opt.step = lambda closure=None: None
-        self.held.append(opt)
+        hold = self
+
+        def step(self: ScheduleFreeOptimizer, closure: Any = None) -> Any:
+            return None if hold.active else type(self).step(self, closure)
+
+        stand_in = types.MethodType(step, opt)
+        opt.step = stand_in
+        self.held.append((opt, stand_in))
         return opt
 
     def release(self) -> None:
-        for opt in self.held:
-            opt.__dict__.pop("step", None)
+        self.active = False
+        for opt, stand_in in self.held:
+            if opt.__dict__.get("step") is stand_in:
+                del opt.__dict__["step"]  # no scheduler wrapped it: the class's step again
 
 
 def _factory(name: str, params: dict, hold: _ConstructionStep) -> Callable[[Any], ScheduleFreeOptimizer]:
@@ -166,24 +182,30 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def _check_name(name: str) -> bool:
-    """True for one of our names; False for a DeepSpeed built-in; ValueError for anything else."""
+    """True for one of our names; False for a name DeepSpeed builds; ValueError for anything else."""
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
     if name.lower() in OPTIMIZERS:
         return True
-    if name.lower() in DEEPSPEED_OPTIMIZERS:
-        return False
+    if name.lower() in DEEPSPEED_OPTIMIZERS or getattr(torch.optim, name, None) is not None:
+        return False  # DeepSpeed's own, or a torch.optim class DeepSpeed builds by name
     ours = ", ".join(cls.__name__ for cls in OPTIMIZERS.values())
     raise ValueError(f"unknown optimizer type {name!r} in ds_config: valid Schedule-Free types are {ours} "
-                     f"(any case); DeepSpeed's own are {', '.join(sorted(DEEPSPEED_OPTIMIZERS))}")
+                     f"(any case); DeepSpeed's own are {', '.join(sorted(DEEPSPEED_OPTIMIZERS))} or a "
+                     "torch.optim class name")
 
 
 def _refuse_scheduler(config: dict, lr_scheduler: Any, opt_name: str, allow: bool) -> None:
     scheduler = config.get("scheduler")
     if allow or (scheduler is None and lr_scheduler is None):
         return
-    what = repr(scheduler.get("type")) if isinstance(scheduler, dict) else type(lr_scheduler).__name__
-    raise ValueError(SCHEDULER_REFUSAL.format(name=what, opt=opt_name))
+    if scheduler is not None:
+        kind = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
+        what = f"ds_config has a 'scheduler' entry ({kind!r})"
+    else:
+        kind = getattr(lr_scheduler, "__qualname__", None) or type(lr_scheduler).__name__
+        what = f"lr_scheduler= was passed ({kind})"
+    raise ValueError(SCHEDULER_REFUSAL.format(what=what, opt=opt_name))
 
 
 def _prepare_config(config: dict) -> dict:
@@ -252,8 +274,14 @@ class _EngineScheduleFree:
                                "before training steps (and optimizer.eval() before evaluating or saving).")
         return super().step(*args, **kwargs)
 
+    def drop_train_copy(self) -> None:
+        """Forget eval()'s copy of y: train() then re-derives y from x and z, bitwise as a run resumed
+        from a checkpoint saved in eval mode does (HF ScheduleFreeCallback calls it after each save)."""
+        self.__dict__.pop("_sf_y", None)
+
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.__dict__.pop("_sf_y", None)
+        self.__dict__.pop("_sf_all_linked", None)  # the load re-creates DeepSpeed's per-param views: link again
         return super().load_state_dict(*args, **kwargs)
 
     def refresh_fp32_params(self, *args: Any, **kwargs: Any) -> Any:
