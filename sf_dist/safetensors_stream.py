@@ -8,7 +8,7 @@ import os
 import re
 import struct
 import tempfile
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor

@@ -262,13 +262,18 @@ def _stream(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
     check_specs(specs)  # on every rank, before any collective
     writer = rank0_io(lambda: open_writer(path, specs, max_shard_size), f"open {path} for writing")
     failed: list[BaseException] = []
-    for name, whole in tensors:
-        if writer is not None and not failed:
-            try:
-                writer.write(name, whole)
-            except Exception as e:  # keep receiving: the other ranks are still sending
-                failed.append(e)
-        del whole
+    try:
+        for name, whole in tensors:
+            if writer is not None and not failed:
+                try:
+                    writer.write(name, whole)
+                except Exception as e:  # keep receiving: the other ranks are still sending
+                    failed.append(e)
+            del whole
+    except BaseException:  # the gather itself failed (a rank died): drop the temporary
+        if writer is not None:
+            writer.abort()
+        raise
 
     def finish() -> None:
         if failed:

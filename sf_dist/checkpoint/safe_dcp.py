@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -75,6 +75,7 @@ class SafeReader(FileSystemReader):
         super().__init__(path)
         self._root, self._checksums = path, checksums
         self._verified: set[str] = set()
+        self._metadata: Optional[Metadata] = None
 
     def _verify(self, name: str) -> None:
         if name not in self._verified:
@@ -82,8 +83,10 @@ class SafeReader(FileSystemReader):
             self._verified.add(name)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        self._verify(METADATA)
-        metadata = read_metadata(self._root)
+        if self._metadata is None:  # parsed once: the offline export reads one tensor per dcp.load
+            self._verify(METADATA)
+            self._metadata = read_metadata(self._root)
+        metadata = self._metadata
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
