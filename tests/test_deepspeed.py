@@ -183,6 +183,9 @@ def _stage_run(rank: int, stage: int, ckpt_root: str) -> dict:
     opt.train()
     _train(engine, rank, range(SAVE_AT, STEPS))
     rec["reloaded_in_eval_y"] = sfds.engine_state_dict(engine)
+    # The streamed export after a load into a live engine reads z from the loaded state
+    rec["reloaded_api_x"] = sf_dist.eval_state_dict(engine, opt)
+    sf_dist.save_eval_weights(engine, opt, os.path.join(ckpt_root, f"x{stage}-reloaded.safetensors"))
 
     engine, opt = _engine(_config(stage))
     engine.load_checkpoint(ckpt, tag="eval4")
@@ -429,6 +432,7 @@ def test_shared_eval_api_accepts_the_engine(fp32_runs, stage):
         torch.testing.assert_close(rank[stage]["api_out"].double(), ref["out"], rtol=RTOL, atol=ATOL)
         assert rank[stage]["api_mode_after"] is True
     _close(rec["api_y_after"], rec["y"], rtol=0, atol=0)  # y put back bitwise
+    _close(load_file(str(root / f"x{stage}-reloaded.safetensors")), rec["reloaded_api_x"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -518,10 +518,11 @@ class _XOf:
         if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: this rank's fragment into a zero buffer, one all-reduce
             full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
             mapping = p._hp_mapping
-            if mapping is not None:
-                address = mapping.lp_fragment_address
-                full.narrow(0, address.start, address.numel).copy_(
-                    mapping.get_hp_fragment().lerp(mapping.get_hp_fragment("z"), weight))
+            if mapping is not None:  # z read from the live state (DeepSpeed's linked views go stale on a load)
+                hp = mapping.get_hp_fragment_address()
+                z = self.base.state[group["params"][0]]["z"].narrow(0, hp.start, hp.numel)
+                lp = mapping.lp_fragment_address
+                full.narrow(0, lp.start, lp.numel).copy_(mapping.get_hp_fragment().lerp(z, weight))
             torch.distributed.all_reduce(full, group=p._dp_group)
             return full
         master = self.masters.get(id(p), p)  # ZeRO-0: the fp32 copy, or (fp32) the param itself

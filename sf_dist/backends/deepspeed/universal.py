@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
 
@@ -189,7 +189,7 @@ def load_stage12(engine_optimizer: Any, lp_groups: list[list[torch.Tensor]], che
     (DeepSpeed's loader raises IndexError there: 8 bias elements over 3 ranks), then each group's values."""
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
-    if engine_optimizer.mpu is not None:
+    if getattr(engine_optimizer, "mpu", None) is not None:
         raise ValueError("universal checkpoints with tensor/pipeline parallelism (mpu) are not supported by sf_dist: "
                          "resume at the same model-parallel layout")
     zero_dir = os.path.join(checkpoint_dir, "zero")
@@ -276,7 +276,7 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 
 def _atomic_copy(src: str, path: str) -> None:
-    def copy(f: Any) -> None:
+    def copy(f: BinaryIO) -> None:
         with open(src, "rb") as s:
             shutil.copyfileobj(s, f)
 
@@ -287,7 +287,7 @@ def _atomic_write_text(path: str, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
-def _atomic(path: str, write: Any) -> None:
+def _atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
