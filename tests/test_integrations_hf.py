@@ -367,3 +367,15 @@ def test_callable_lr_scheduler_refusal_names_the_argument():
     with pytest.raises(ValueError, match=r"(?s)^lr_scheduler= was passed \(.*make_scheduler\).*allow_scheduler=True"):
         sfds.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(2),
                         lr_scheduler=make_scheduler)
+
+
+def test_decaying_lr_scheduler_type_is_refused_with_the_reason(tmp_path):
+    model = _gpt2()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          lr_scheduler_type="cosine", report_to=[], use_cpu=True, save_strategy="no")
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=LR)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TRAIN, optimizers=(opt, None),
+                                   callbacks=[ScheduleFreeCallback()])
+    with pytest.raises(ValueError, match=r"(?s)lr_scheduler_type='cosine' decays.*'constant'.*allow_decaying_lr=True"):
+        trainer.train()
+    assert opt.param_groups[0]["k"] == 0  # refused before any step
