@@ -16,7 +16,7 @@ from .backends.deepspeed import attach, is_deepspeed
 from .backends.fsdp import drop_gathered_copies
 from .optim import ScheduleFreeOptimizer
 
-__all__ = ["unwrap_optimizer", "bind"]
+__all__ = ["unwrap_optimizer", "bind", "train_mode"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -33,7 +33,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
             return attach(current)
         chain.append(type(current).__name__)
         if inner is None or inner is current:
-            if hasattr(type(current), "train_mode"):
+            if hasattr(type(current), "train_mode") or _schedule_free_groups(current):
                 return current
             raise TypeError(f"{' -> '.join(chain)} holds no Schedule-Free optimizer: build the optimizer with "
                             "sf_dist (sf_dist.AdamWScheduleFree, ...) or name it in ds_config after "
@@ -41,6 +41,20 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         if len(chain) > 8:
             raise TypeError(f"{' -> '.join(chain)}: optimizer wrappers nested too deep to unwrap")
         current = inner
+
+
+def _schedule_free_groups(optimizer: Any) -> bool:
+    """Another Schedule-Free implementation (the schedulefree package): train()/eval() and a mode per group."""
+    groups = getattr(optimizer, "param_groups", None)
+    return bool(groups) and callable(getattr(optimizer, "eval", None)) and all("train_mode" in g for g in groups)
+
+
+def train_mode(optimizer: Any) -> bool:
+    """Whether an (unwrapped) Schedule-Free optimizer holds y: its ``train_mode``, else every group's flag."""
+    mode = getattr(type(optimizer), "train_mode", None)
+    if mode is not None:
+        return bool(optimizer.train_mode)
+    return all(group["train_mode"] for group in optimizer.param_groups)
 
 
 def bind(model: nn.Module, optimizer: Any) -> Any:

@@ -137,8 +137,7 @@ class CreatesOptimizer(transformers.Trainer):
         return self.optimizer
 
 
-def _trainer_worker(rank: int, world: int, how: str, stage: int | None, root: str) -> dict:
-    transformers.logging.set_verbosity_error()
+def _trainer_case(rank: int, how: str, stage: int | None, root: str) -> dict:
     if how == "config":
         sfds.register()
     out = os.path.join(root, "run")
@@ -158,13 +157,29 @@ def _trainer_worker(rank: int, world: int, how: str, stage: int | None, root: st
             "wrapper": type(trainer.optimizer).__name__}
 
 
-TRAINER_CASES = {  # name: (how the optimizer is given, DeepSpeed stage or None, world size)
-    "plain": ("instance", None, 1),
-    "ddp": ("instance", None, WORLD),
-    "ddp-create_optimizer": ("create_optimizer", None, WORLD),
-    "deepspeed-zero2-config": ("config", 2, WORLD),
-    "deepspeed-zero3-config": ("config", 3, WORLD),
+def _trainer_worker(rank: int, world: int, cases: list[str], root: str) -> dict:
+    transformers.logging.set_verbosity_error()
+    return {case: _trainer_case(rank, *TRAINER_CASES[case][:2], os.path.join(root, case)) for case in cases}
+
+
+TRAINER_CASES = {  # name: (how the optimizer is given, DeepSpeed stage or None, spawn group)
+    "plain": ("instance", None, "one process"),
+    "ddp": ("instance", None, "ddp"),
+    "ddp-create_optimizer": ("create_optimizer", None, "ddp"),
+    "deepspeed-zero2-config": ("config", 2, "zero2"),
+    "deepspeed-zero3-config": ("config", 3, "zero3"),
 }
+_SPAWNS: dict[str, dict] = {}
+
+
+def _trainer_run(case: str, root) -> dict:
+    """One spawn per group (DeepSpeed stages apart: Accelerate keeps one DeepSpeed plugin per process)."""
+    group = TRAINER_CASES[case][2]
+    if group not in _SPAWNS:
+        cases = [c for c, spec in TRAINER_CASES.items() if spec[2] == group]
+        world = 1 if group == "one process" else WORLD
+        _SPAWNS[group] = run_distributed(_trainer_worker, world, cases, str(root), timeout=500)[0]
+    return _SPAWNS[group][case]
 
 
 def _close(actual: dict, expected: dict) -> None:
@@ -176,9 +191,9 @@ def _close(actual: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(TRAINER_CASES))
-def test_trainer_evaluates_saves_and_resumes_at_x(case, tmp_path):
-    how, stage, world = TRAINER_CASES[case]
-    r = run_distributed(_trainer_worker, world, how, stage, str(tmp_path), timeout=400)[0]
+def test_trainer_evaluates_saves_and_resumes_at_x(case, tmp_path_factory):
+    stage = TRAINER_CASES[case][1]
+    r = _trainer_run(case, tmp_path_factory.mktemp(TRAINER_CASES[case][2].replace(" ", "_")))
     y, z = r["at"]["end"]
     x = _x_of(y, z)
     loss_x, loss_y = _loss_at(x), _loss_at(y)
@@ -367,3 +382,15 @@ def test_callable_lr_scheduler_refusal_names_the_argument():
     with pytest.raises(ValueError, match=r"(?s)^lr_scheduler= was passed \(.*make_scheduler\).*allow_scheduler=True"):
         sfds.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(2),
                         lr_scheduler=make_scheduler)
+
+
+def test_decaying_lr_scheduler_type_is_refused_with_the_reason(tmp_path):
+    model = _gpt2()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          lr_scheduler_type="cosine", report_to=[], use_cpu=True, save_strategy="no")
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=LR)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TRAIN, optimizers=(opt, None),
+                                   callbacks=[ScheduleFreeCallback()])
+    with pytest.raises(ValueError, match=r"(?s)lr_scheduler_type='cosine' decays.*'constant'.*allow_decaying_lr=True"):
+        trainer.train()
+    assert opt.param_groups[0]["k"] == 0  # refused before any step

@@ -15,6 +15,7 @@ transformers 5.23.0 and accelerate 1.15.0.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 __all__ = ["register", "deepspeed_initialize"]
@@ -40,13 +41,14 @@ def register(allow_scheduler: bool = False) -> None:
     if getattr(deepspeed.initialize, "sf_dist_hook", False):
         return
     original = deepspeed.initialize
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def initialize(*args: Any, **kwargs: Any) -> tuple:
         from . import initialize as sf_initialize
 
-        return sf_initialize(*args, allow_scheduler=_SETTINGS["allow_scheduler"], accept_lr_scheduler=True,
-                             **kwargs)
+        named = signature.bind(*args, **kwargs).arguments  # DeepSpeed's positional order, as keywords
+        return sf_initialize(**named, allow_scheduler=_SETTINGS["allow_scheduler"], accept_lr_scheduler=True)
 
     initialize.sf_dist_hook = True  # type: ignore[attr-defined]
     _ORIGINAL.append(original)
