@@ -49,3 +49,25 @@ def agree(bad: bool, eval_mode: bool, group: Optional[dist.ProcessGroup] = None)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     any_bad, any_eval = flags.tolist()
     return bool(any_bad), bool(any_eval)
+
+
+def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-dim bool tensor on ``device``, True if any gradient holds a NaN or Inf: one multi-tensor
+    pass, never read on the host (the sync-free path's counterpart of ``first_nonfinite``)."""
+    nonempty = [g for g in grads if g.numel() > 0]  # the inf-norm of nothing is undefined
+    if not nonempty:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    norms = torch._foreach_norm(nonempty, float("inf"))
+    return ~torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all()
+
+
+def agree_on_device(bad: Tensor, eval_mode: bool, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """0-dim bool on ``bad``'s device: True when no rank of ``group`` has a non-finite gradient or is
+    in eval mode, so every rank steps. The all-reduce result stays on the device (no sync); its
+    layout is ``agree``'s, so a rank on the host path (no gradients here) meets the others in it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return ~bad
+    device = comm_device(group)
+    flags = torch.stack([bad.to(device, torch.float32), torch.full((), float(eval_mode), device=device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return (flags.amax() == 0).to(bad.device)

@@ -40,7 +40,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if nonfinite not in guard.NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {guard.NONFINITE})")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._skipped_host = 0  # steps skipped on the host path
+        self._skipped_device: Optional[Tensor] = None  # ... and on the sync-free path, counted on the device
         self.process_group: Optional[Any] = None  # ranks that agree on mode and finiteness (None: all)
         _validate(defaults)
         if defaults["foreach"] and defaults["fused"]:
@@ -56,6 +57,23 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group.setdefault("decay_at", "y")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient on some rank (nonfinite="skip"). On the sync-free
+        accelerator path the count lives on the device, and reading it synchronises."""
+        on_device = 0 if self._skipped_device is None else int(self._skipped_device.item())
+        return self._skipped_host + on_device
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with counters kept on the device read back as host numbers (this
+        synchronises), so a checkpoint is the same whichever path stepped it."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            for key in COUNTERS:
+                if isinstance(group.get(key), Tensor):
+                    group[key] = int(group[key].item()) if key == "k" else float(group[key].item())
+        return sd
 
     # ---- hooks for subclasses ---------------------------------------------------------------
     def interpolation(self, group: dict[str, Any]) -> float:
@@ -127,25 +145,62 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         active = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        device = self._sync_free_device(active)
+        if device is not None:
+            self._sync_free_step(active, device)
+            return loss
         if self.nonfinite != "ignore" and self._skip(active):
             return loss
         for group, params in zip(self.param_groups, active):
-            ys, grads, zs, moments = [], [], [], []
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("Schedule-Free optimizers do not support sparse gradients")
-                state = self._state_for(p)
-                ys.append(local(p))
-                grads.append(local(p.grad))
-                zs.append(local(state["z"]))
-                if self.moment_keys:
-                    moments.append(local(state[self.moment_keys[0]]))
+            ys, grads, zs, moments = self._step_lists(params)
             s = self.scalars(group)
             if ys:
-                kernels.step_(ys, grads, zs, moments if self.moment_keys else None, s,
-                              impl=_pick_impl(group, ys))
+                kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys))
             group["k"] += 1
         return loss
+
+    def _step_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], Optional[list[Tensor]]]:
+        """Local (y, grad, z, second moment or None) lists of the params being stepped; creates state."""
+        ys, grads, zs, moments = [], [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("Schedule-Free optimizers do not support sparse gradients")
+            state = self._state_for(p)
+            ys.append(local(p))
+            grads.append(local(p.grad))
+            zs.append(local(state["z"]))
+            if self.moment_keys:
+                moments.append(local(state[self.moment_keys[0]]))
+        return ys, grads, zs, moments if self.moment_keys else None
+
+    def _sync_free_device(self, active: list[list[Tensor]]) -> Optional[torch.device]:
+        """The accelerator to step on without host syncs (nonfinite="skip", grads off the CPU), else None."""
+        if self.nonfinite != "skip":
+            return None
+        device = next((local(p.grad).device for params in active for p in params), None)
+        return None if device is None or device.type == "cpu" else device
+
+    def _sync_free_step(self, active: list[list[Tensor]], device: torch.device) -> None:
+        """The step with no host read: the finite flag, its agreement across ranks and the counters
+        stay on ``device``; a skipped step masks every store and leaves the counters as they were."""
+        bad = guard.nonfinite_flag([local(p.grad) for params in active for p in params], device)
+        ok = guard.agree_on_device(bad, not self.train_mode, self.process_group)
+        if not self.train_mode:  # after the collective, so that no other rank waits in it
+            raise RuntimeError(guard.EVAL_MODE_MESSAGE)
+        for group, params in zip(self.param_groups, active):
+            for key in ("k", "weight_sum", "lr_max", "scheduled_lr"):
+                if not isinstance(group[key], Tensor) or group[key].device != device:
+                    group[key] = torch.full((), float(group[key]), dtype=torch.float64, device=device)
+            before = {key: group[key] for key in ("weight_sum", "lr_max", "scheduled_lr")}
+            ys, grads, zs, moments = self._step_lists(params)
+            s = self.scalars(group)  # advances weight_sum, lr_max, scheduled_lr as device tensors
+            if ys:
+                kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys), ok=ok)
+            for key, old in before.items():
+                group[key] = torch.where(ok, group[key], old)
+            group["k"] = group["k"] + ok
+        skipped = (~ok).to(torch.int64)
+        self._skipped_device = skipped if self._skipped_device is None else self._skipped_device + skipped
 
     def _skip(self, active: list[list[Tensor]]) -> bool:
         """Agree with every rank on mode and finiteness; True means skip this step (raises if asked)."""
@@ -167,7 +222,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                           for pi, q in enumerate(g["params"]) if q is p)
             raise RuntimeError(f"non-finite gradient at step {k} in param_groups[{gi}]['params'][{pi}] "
                                f"(shape {tuple(p.shape)}); nonfinite='skip' would skip the step")
-        self.skipped_steps += 1
+        self._skipped_host += 1
         return True
 
 
@@ -273,11 +328,11 @@ def _validate(group: dict[str, Any]) -> None:
 
 def _pick_impl(group: dict[str, Any], tensors: list[Tensor]) -> str:
     """The kernel path: the one asked for; by default fused on the CPU (a C++ kernel built once,
-    as fast as torch's fused AdamW) and foreach on accelerators (no compile time)."""
+    as fast as torch's fused AdamW) and on CUDA (one Triton launch per dtype), foreach elsewhere."""
     if group["fused"]:
         return "fused"
     if group["foreach"] is not None:
         return "foreach" if group["foreach"] else "single"
     if tensors[0].device.type == "cpu":
         return "fused" if kernels.cpu_kernel_available() else "single"
-    return "foreach"
+    return "fused" if kernels.triton_available(tensors[0].device) else "foreach"
