@@ -191,16 +191,17 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             for key in ("k", "weight_sum", "lr_max", "scheduled_lr"):
                 if not isinstance(group[key], Tensor) or group[key].device != device:
                     group[key] = torch.full((), float(group[key]), dtype=torch.float64, device=device)
-            before = {key: group[key] for key in ("weight_sum", "lr_max", "scheduled_lr")}
+            kept = {key: group[key] for key in ("weight_sum", "lr_max", "scheduled_lr")}
             ys, grads, zs, moments = self._step_lists(params)
-            s = self.scalars(group)  # advances weight_sum, lr_max, scheduled_lr as device tensors
+            s = self.scalars(group)  # puts this step's weight_sum, lr_max, scheduled_lr in the group
             if ys:
                 kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys), ok=ok)
-            for key, old in before.items():
-                group[key] = torch.where(ok, group[key], old)
-            group["k"] = group["k"] + ok
-        skipped = (~ok).to(torch.int64)
-        self._skipped_device = skipped if self._skipped_device is None else self._skipped_device + skipped
+            for key, counter in kept.items():  # in place: a captured CUDA graph keeps its addresses
+                group[key] = counter.copy_(torch.where(ok, group[key], counter))
+            group["k"].add_(ok)
+        if self._skipped_device is None:
+            self._skipped_device = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped_device.add_(~ok)
 
     def _skip(self, active: list[list[Tensor]]) -> bool:
         """Agree with every rank on mode and finiteness; True means skip this step (raises if asked)."""

@@ -23,13 +23,17 @@ def test_default_settings_step_eval_train_on_meta_tensors(kind):
     opt = OURS[kind](ps)
     assert opt.nonfinite == "skip"
     opt.train()
+    counters = None
     for _ in range(3):
         for p in ps:
             p.grad = torch.empty_like(p)
         opt.step()
         opt.eval()
         opt.train()
-    group = opt.param_groups[0]
+        group = opt.param_groups[0]
+        now = [group[key] for key in ("k", "weight_sum", "lr_max", "scheduled_lr")]
+        assert counters is None or all(a is b for a, b in zip(counters, now)), "counters updated in place"
+        counters = now
     assert all(group[key].device.type == "meta" for key in ("k", "weight_sum", "lr_max", "scheduled_lr"))
     assert opt.state[ps[0]]["z"].device.type == "meta"
     with pytest.raises(RuntimeError, match="meta"):
