@@ -112,8 +112,10 @@ def _tables(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, 
         _TABLES.move_to_end(key)
         return hit
     chunks = [(i, start) for i, r in enumerate(rows) for start in range(0, r[4], CHUNK)]
-    hit = (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
-           torch.tensor(chunks, dtype=torch.int64).to(device, non_blocking=True))
+    host = [torch.tensor(rows, dtype=torch.int64), torch.tensor(chunks, dtype=torch.int64)]
+    if device.type == "cuda":  # from pinned memory the upload is asynchronous: no host sync
+        host = [t.pin_memory() for t in host]
+    hit = tuple(t.to(device, non_blocking=True) for t in host)
     _TABLES[key] = hit
     if len(_TABLES) > _MAX_TABLES:
         _TABLES.popitem(last=False)
