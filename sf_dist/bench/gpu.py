@@ -68,7 +68,7 @@ def numerics(device: torch.device) -> None:
             for decay_at in ("y", "z", "all"):
                 gen = torch.Generator().manual_seed(0)
                 init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-                ps = [[t.to(device).requires_grad_() for t in init] for _ in range(3)]
+                ps = [[t.to(device, copy=True).requires_grad_() for t in init] for _ in range(3)]
                 hp = _hp(kind, decay_at)
                 ref = (theirs[kind](ps[2], **{k: v for k, v in hp.items() if k != "decay_at"}) if decay_at == "y"
                        else ReferenceScheduleFree(ps[2], kind=kind, **hp))
@@ -84,13 +84,14 @@ def numerics(device: torch.device) -> None:
                                 for p, g in zip(qs, grads):
                                     p.grad = g.clone()
                                 o.step()
-                    for j in (0, 1):
+                    for j in (0, 1):  # the excess over atol + rtol*|b|, in units of rtol*|b| + atol
                         for a, b in zip(ps[j], ps[2]):
                             if a.numel():
-                                worst[j] = max(worst[j], float(((a - b).abs() / (1e-6 / 1e-5 + b.abs())).max()))
-                ok = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for j in (0, 1) for a, b in zip(ps[j], ps[2]))
+                                err = ((a - b).abs() / (1e-6 + 1e-5 * b.abs())).max()
+                                worst[j] = max(worst[j], float(err.detach()))
+                ok = max(worst) <= 1.0
                 check(ok, f"{str(dtype)[6:]:8s} {kind:5s} decay_at={decay_at}: default vs reference "
-                          f"max rel {worst[0]:.1e}, foreach vs reference {worst[1]:.1e}")
+                          f"{worst[0]:.2f}, foreach vs reference {worst[1]:.2f} (of the tolerance)")
 
 
 def _time(step: Callable[[], None], reps: int) -> float:
