@@ -282,12 +282,17 @@ def fsdp2(device: torch.device) -> None:
         dist.destroy_process_group()
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m sf_dist.bench gpu``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=1.0e9, help="step-time size in parameters (default 1e9)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-fsdp", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if not torch.cuda.is_available():
         sys.exit("python -m sf_dist.bench gpu needs a CUDA device and this machine has none")
     device = torch.device("cuda", torch.cuda.current_device())

@@ -99,7 +99,8 @@ def report(label: str, times: dict[str, list[float]]) -> None:
         print(f"  sf_dist default is {med['schedulefree AdamW foreach'] / ours:.2f}x faster than schedulefree foreach")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m sf_dist.bench step``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lists", nargs="+", default=list(LISTS), choices=list(LISTS))
     parser.add_argument("--reps", type=int, default=20)
@@ -107,7 +108,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--full", action="store_true", help="also the foreach and per-tensor paths (slow)")
     parser.add_argument("--no-reference", action="store_true", help="skip the schedulefree package")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
