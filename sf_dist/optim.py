@@ -26,6 +26,16 @@ ParamsT = Iterable[Any]
 COUNTERS = ("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr")
 
 
+def host_values(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's entries but "params", with counters kept on the device (the sync-free path)
+    read back as host numbers; reading them synchronises."""
+    out = {k: v for k, v in group.items() if k != "params"}
+    for key in COUNTERS:
+        if isinstance(out.get(key), Tensor):
+            out[key] = int(out[key].item()) if key == "k" else float(out[key].item())
+    return out
+
+
 def local(t: Tensor) -> Tensor:
     """The tensor this rank stores: a DTensor's local shard, any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -69,10 +79,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """torch's state dict, with counters kept on the device read back as host numbers (this
         synchronises), so a checkpoint is the same whichever path stepped it."""
         sd = super().state_dict()
-        for group in sd["param_groups"]:
-            for key in COUNTERS:
-                if isinstance(group.get(key), Tensor):
-                    group[key] = int(group[key].item()) if key == "k" else float(group[key].item())
+        sd["param_groups"] = [dict(host_values(g), params=g["params"]) for g in sd["param_groups"]]
         return sd
 
     # ---- hooks for subclasses ---------------------------------------------------------------

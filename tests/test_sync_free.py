@@ -2,6 +2,8 @@
 device proves no host read, the eager masked path meets schedulefree 1.4.1, and the schedule's
 tensor form equals its host form."""
 
+import copy
+
 import pytest
 import schedulefree
 import torch
@@ -77,10 +79,22 @@ def test_eager_masked_path_matches_schedulefree_and_skips_bitwise(kind, monkeypa
             opt.step()
     for a, b in zip(*ps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    saved = copy.deepcopy(ours.state_dict())  # host numbers, as on the CPU path
+    assert type(saved["param_groups"][0]["k"]) is int and type(saved["param_groups"][0]["weight_sum"]) is float
+    resumed_ps = [p.detach().clone().requires_grad_() for p in ps[0]]
+    resumed = OURS[kind](resumed_ps, foreach=True, **hp)
+    resumed.load_state_dict(saved)
+    for k in range(3):  # the loaded copy continues like the original and like the reference
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in init]
+        for opt, qs in ((ours, ps[0]), (theirs, ps[1]), (resumed, resumed_ps)):
+            for p, g in zip(qs, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps[0], resumed_ps))
     ours.eval(), theirs.eval()
     for a, b in zip(*ps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert ours.state_dict()["param_groups"][0]["k"] == theirs.state_dict()["param_groups"][0]["k"] == 11
+    assert ours.state_dict()["param_groups"][0]["k"] == theirs.state_dict()["param_groups"][0]["k"] == 14
 
 
 def test_schedule_tensor_form_equals_host_form():
