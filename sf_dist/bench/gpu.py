@@ -298,13 +298,16 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, "
           f"Triton kernel {'on' if kernels.triton_available(device) else 'OFF (pip install triton)'}")
-    numerics(device)
-    step_time(device, args.params, args.reps)
-    torch.cuda.empty_cache()
-    syncs(device)
-    graph(device)
+    sections: list[Callable[[], None]] = [lambda: numerics(device), lambda: step_time(device, args.params, args.reps),
+                                          lambda: syncs(device), lambda: graph(device)]
     if not args.skip_fsdp:
-        fsdp2(device)
+        sections.append(lambda: fsdp2(device))
+    for section in sections:  # one section's crash is a FAIL line, not the end of the others
+        try:
+            section()
+        except Exception as e:  # noqa: BLE001 - reported, counted, and the next section runs
+            check(False, f"section raised {type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
     print(f"{len(FAILED)} check(s) failed" if FAILED else "all checks passed")
     sys.exit(1 if FAILED else 0)
 
