@@ -146,7 +146,8 @@ def _masked_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Ten
 
 def _accelerator_step(indices: list[int], ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                       vs: list[Optional[Tensor]], s: StepScalars, ok: Optional[Tensor]) -> None:
-    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs, else compiled."""
+    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs, else compiled
+    (strided tensors, which only the sync-free path sends here, take the eager update)."""
     if not indices:
         return
     c = _fused_constants(s, torch.float64, ys[indices[0]].device)
@@ -158,7 +159,10 @@ def _accelerator_step(indices: list[int], ys: Sequence[Tensor], grads: Sequence[
         module.step_(pick(ys), pick(grads), pick(zs), None if vs[tri[0]] is None else pick(vs), c, ok)
     for i in sorted(set(indices) - set(tri)):
         group = [ys[i], grads[i], zs[i]] + ([] if vs[i] is None else [vs[i]])
-        _compiled("sgd" if vs[i] is None else "adam")(*map(_flat_alias, group), c.to(_compute_dtype(ys[i])), ok)
+        if all(t.is_contiguous() for t in group):
+            _compiled("sgd" if vs[i] is None else "adam")(*map(_flat_alias, group), c.to(_compute_dtype(ys[i])), ok)
+        else:
+            _update(ys[i], grads[i], zs[i], vs[i], c.to(_compute_dtype(ys[i])), ok)
 
 
 @functools.cache
