@@ -50,3 +50,26 @@ def agree(*facts: bool, group: Optional[dist.ProcessGroup] = None) -> tuple[bool
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     return tuple(bool(f) for f in flags.tolist())
 
+
+def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-dim bool tensor on ``device``, True if any gradient holds a NaN or Inf: one multi-tensor
+    pass, never read on the host (the sync-free path's counterpart of ``first_nonfinite``)."""
+    nonempty = [g for g in grads if g.numel() > 0]  # the inf-norm of nothing is undefined
+    if not nonempty:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    norms = torch._foreach_norm(nonempty, float("inf"))
+    return ~torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all()
+
+
+def agree_on_device(bad: Tensor, eval_mode: bool, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """0-dim bool on ``bad``'s device: True when no rank of ``group`` has a non-finite gradient or is
+    in eval mode, so every rank steps. The all-reduce result stays on the device (no sync); its
+    layout is ``agree``'s (non-finite, eval mode, no CPU kernel: always 0 here), so a rank on the host
+    path (no gradients here) meets the others in it."""
+    if not multi_rank(group):
+        return ~bad
+    device = comm_device(group)
+    flags = torch.stack([bad.to(device, torch.float32), torch.full((), float(eval_mode), device=device),
+                         torch.zeros((), device=device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return (flags[:2].amax() == 0).to(bad.device)

@@ -29,6 +29,16 @@ ParamsT = Iterable[Any]
 COUNTERS = ("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr")
 
 
+def host_values(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's entries but "params", with counters kept on the device (the sync-free path)
+    read back as host numbers; reading them synchronises."""
+    out = {k: v for k, v in group.items() if k != "params"}
+    for key in COUNTERS:
+        if isinstance(out.get(key), Tensor):
+            out[key] = int(out[key].item()) if key == "k" else float(out[key].item())
+    return out
+
+
 def local(t: Tensor) -> Tensor:
     """The tensor this rank stores: a DTensor's local shard, any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -43,7 +53,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if nonfinite not in guard.NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {guard.NONFINITE})")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._skipped_host = 0  # steps skipped on the host path
+        self._skipped_device: Optional[Tensor] = None  # ... and on the sync-free path, counted on the device
         self.process_group: Optional[Any] = None  # ranks that agree on mode and finiteness (None: all)
         self.swap_hooks: list[Callable[[], None]] = []  # run before a y <-> x swap (sf_dist.bind)
         _validate(defaults)
@@ -72,6 +83,20 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group.setdefault("decay_at", "y")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient on some rank (nonfinite="skip"). On the sync-free
+        accelerator path the count lives on the device, and reading it synchronises."""
+        on_device = 0 if self._skipped_device is None else int(self._skipped_device.item())
+        return self._skipped_host + on_device
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with counters kept on the device read back as host numbers (this
+        synchronises), so a checkpoint is the same whichever path stepped it."""
+        sd = super().state_dict()
+        sd["param_groups"] = [dict(host_values(g), params=g["params"]) for g in sd["param_groups"]]
+        return sd
 
     # ---- hooks for subclasses ---------------------------------------------------------------
     def interpolation(self, group: dict[str, Any]) -> float:
@@ -153,6 +178,10 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"Schedule-Free optimizers do not support sparse gradients (a param of shape "
                                    f"{tuple(p.shape)} got a {p.grad.layout} gradient): use dense gradients, "
                                    "e.g. nn.Embedding(..., sparse=False)")
+        device = self._sync_free_device(active)
+        if device is not None:
+            self._sync_free_step(active, device)
+            return loss
         lacks_kernel = self._lacks_cpu_kernel(active)
         if self.nonfinite == "ignore":
             if lacks_kernel and guard.multi_rank(self.process_group):
@@ -166,20 +195,54 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             return loss
         cpu_default = "single" if lacks_kernel else "fused"
         for group, params in zip(self.param_groups, active):
-            ys, grads, zs, moments = [], [], [], []
-            for p in params:
-                state = self._state_for(p)
-                ys.append(local(p))
-                grads.append(local(p.grad))
-                zs.append(local(state["z"]))
-                if self.moment_keys:
-                    moments.append(local(state[self.moment_keys[0]]))
+            ys, grads, zs, moments = self._step_lists(params)
             s = self.scalars(group)
             if ys:
-                kernels.step_(ys, grads, zs, moments if self.moment_keys else None, s,
-                              impl=_pick_impl(group, ys, cpu_default))
+                kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys, cpu_default))
             group["k"] += 1
         return loss
+
+    def _step_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], Optional[list[Tensor]]]:
+        """Local (y, grad, z, second moment or None) lists of the params being stepped; creates state."""
+        ys, grads, zs, moments = [], [], [], []
+        for p in params:
+            state = self._state_for(p)
+            ys.append(local(p))
+            grads.append(local(p.grad))
+            zs.append(local(state["z"]))
+            if self.moment_keys:
+                moments.append(local(state[self.moment_keys[0]]))
+        return ys, grads, zs, moments if self.moment_keys else None
+
+    def _sync_free_device(self, active: list[list[Tensor]]) -> Optional[torch.device]:
+        """The accelerator to step on without host syncs (nonfinite="skip", grads off the CPU), else None."""
+        if self.nonfinite != "skip":
+            return None
+        device = next((local(p.grad).device for params in active for p in params), None)
+        return None if device is None or device.type == "cpu" else device
+
+    def _sync_free_step(self, active: list[list[Tensor]], device: torch.device) -> None:
+        """The step with no host read: the finite flag, its agreement across ranks and the counters
+        stay on ``device``; a skipped step masks every store and leaves the counters as they were."""
+        bad = guard.nonfinite_flag([local(p.grad) for params in active for p in params], device)
+        ok = guard.agree_on_device(bad, not self.train_mode, self.process_group)
+        if not self.train_mode:  # after the collective, so that no other rank waits in it
+            raise RuntimeError(guard.EVAL_MODE_MESSAGE)
+        for group, params in zip(self.param_groups, active):
+            for key in ("k", "weight_sum", "lr_max", "scheduled_lr"):
+                if not isinstance(group[key], Tensor) or group[key].device != device:
+                    group[key] = torch.full((), float(group[key]), dtype=torch.float64, device=device)
+            kept = {key: group[key] for key in ("weight_sum", "lr_max", "scheduled_lr")}
+            ys, grads, zs, moments = self._step_lists(params)
+            s = self.scalars(group)  # puts this step's weight_sum, lr_max, scheduled_lr in the group
+            if ys:
+                kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys), ok=ok)
+            for key, counter in kept.items():  # in place: a captured CUDA graph keeps its addresses
+                group[key] = counter.copy_(torch.where(ok, group[key], counter))
+            group["k"].add_(ok)
+        if self._skipped_device is None:
+            self._skipped_device = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped_device.add_(~ok)
 
     def _lacks_cpu_kernel(self, active: list[list[Tensor]]) -> bool:
         """Whether a group would take the default fused CPU path and the C++ kernel cannot be used here."""
@@ -216,7 +279,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                           for pi, q in enumerate(g["params"]) if q is p)
             raise RuntimeError(f"non-finite gradient at step {k} in param_groups[{gi}]['params'][{pi}] "
                                f"(shape {tuple(p.shape)}); nonfinite='skip' would skip the step")
-        self.skipped_steps += 1
+        self._skipped_host += 1
         return True, any_lacks
 
 
@@ -332,15 +395,15 @@ def _validate(group: dict[str, Any], where: str = "") -> None:
 
 def _pick_impl(group: dict[str, Any], tensors: list[Tensor], cpu_default: str = "fused") -> str:
     """The kernel path: the one asked for; by default ``cpu_default`` on the CPU (the fused C++
-    kernel, as fast as torch's fused AdamW, unless some rank cannot build it) and foreach on
-    accelerators (no compile time)."""
+    kernel, as fast as torch's fused AdamW, unless some rank cannot build it), fused on CUDA (one
+    Triton launch per dtype) and foreach elsewhere."""
     if group["fused"]:
         return "fused"
     if group["foreach"] is not None:
         return "foreach" if group["foreach"] else "single"
     if tensors[0].device.type == "cpu":
         return cpu_default
-    return "foreach"
+    return "fused" if kernels.triton_available(tensors[0].device) else "foreach"
 
 
 _WARNED: set[str] = set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,17 +24,30 @@ IMPLS = ("single", "foreach", "fused")
 
 
 def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
-          exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single") -> None:
-    """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``)."""
-    if impl == "single":
+          exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single",
+          ok: Optional[Tensor] = None) -> None:
+    """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``).
+
+    ``ok`` (a 0-dim bool tensor on the tensors' device) selects the sync-free form: ``s`` may hold
+    device tensors, and where ``ok`` is False every tensor is left bitwise unchanged.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
+    if ok is not None:
+        _masked_step(ys, grads, zs, exp_avg_sqs, s, ok, fused=impl == "fused")
+    elif impl == "single":
         for i in range(len(ys)):
             _single_tensor_step(ys[i], grads[i], zs[i], None if exp_avg_sqs is None else exp_avg_sqs[i], s)
     elif impl == "foreach":
         _foreach_step(list(ys), list(grads), list(zs), None if exp_avg_sqs is None else list(exp_avg_sqs), s)
-    elif impl == "fused":
-        _fused_step(ys, grads, zs, exp_avg_sqs, s)
     else:
-        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
+        _fused_step(ys, grads, zs, exp_avg_sqs, s)
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton multi-tensor kernel steps tensors on ``device`` (CUDA with triton installed)."""
+    module = _triton_kernels()
+    return module is not None and module.available(device)
 
 
 def swap_(ys: Sequence[Tensor], zs: Sequence[Tensor], weight: float, foreach: bool = False) -> None:
@@ -92,8 +105,9 @@ def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
 
 # ---- fused: one pass over memory per tensor ----------------------------------------------------
 # On the CPU a small C++ kernel (cpu.cpp beside this file, built on first use) steps a whole
-# list in one call; elsewhere (CUDA) a torch.compile'd per-tensor function. Both take the step
-# scalars as one small tensor, so their per-step change never triggers a rebuild or recompile.
+# list in one call; on CUDA a Triton kernel (triton.py) steps a whole list per dtype in one
+# launch; elsewhere a torch.compile'd per-tensor function. All take the step scalars as one small
+# tensor, so their per-step change never triggers a rebuild or recompile.
 
 def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                 exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars) -> None:
@@ -109,9 +123,59 @@ def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tens
         _cpu_extension()
         torch.ops.sf_dist.fused_step(pick(ys), pick(grads), pick(zs), [] if exp_avg_sqs is None else pick(vs),
                                      _fused_constants(s, torch.float64, torch.device("cpu")))
-    for i in fusable:
-        if not _on_cpu_kernel(ys[i]):
-            _compiled_fused_step(ys[i], grads[i], zs[i], vs[i], s)
+    _accelerator_step([i for i in fusable if not _on_cpu_kernel(ys[i])], ys, grads, zs, vs, s, None)
+
+
+def _masked_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
+                 exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, ok: Tensor, fused: bool) -> None:
+    """The sync-free step: device scalars, every store masked by ``ok``. ``fused`` takes the Triton
+    kernel (or the compiled one); otherwise one eager out-of-place update per tensor (any device,
+    the meta device included)."""
+    n = len(ys)
+    vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
+    nonempty = [i for i in range(n) if ys[i].numel() > 0]
+    if fused:
+        _accelerator_step(nonempty, ys, grads, zs, vs, s, ok)
+        return
+    if nonempty:
+        c = _fused_constants(s, torch.float64, ys[0].device)
+        for i in nonempty:
+            _update(ys[i], grads[i], zs[i], vs[i], c.to(_compute_dtype(ys[i])), ok)
+
+
+def _accelerator_step(indices: list[int], ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
+                      vs: list[Optional[Tensor]], s: StepScalars, ok: Optional[Tensor]) -> None:
+    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs, else compiled
+    (strided tensors, which only the sync-free path sends here, take the eager update)."""
+    if not indices:
+        return
+    c = _fused_constants(s, torch.float64, ys[indices[0]].device)
+    module = _triton_kernels()
+    tri = [i for i in indices if module is not None and module.available(ys[i].device)
+           and module.supports(ys[i], grads[i], zs[i], vs[i])]
+    if tri:
+        pick = lambda ts: [ts[i] for i in tri]
+        module.step_(pick(ys), pick(grads), pick(zs), None if vs[tri[0]] is None else pick(vs), c, ok)
+    for i in sorted(set(indices) - set(tri)):
+        group = [ys[i], grads[i], zs[i]] + ([] if vs[i] is None else [vs[i]])
+        if all(t.is_contiguous() for t in group):
+            _compiled("sgd" if vs[i] is None else "adam")(*map(_flat_alias, group), c.to(_compute_dtype(ys[i])), ok)
+        else:
+            _update(ys[i], grads[i], zs[i], vs[i], c.to(_compute_dtype(ys[i])), ok)
+
+
+@functools.cache
+def _triton_kernels() -> Any:
+    """sf_dist.kernels.triton, or None where triton does not import."""
+    try:
+        from . import triton as module
+    except ImportError:
+        return None
+    return module
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _on_cpu_kernel(t: Tensor) -> bool:
@@ -121,12 +185,16 @@ def _on_cpu_kernel(t: Tensor) -> bool:
 
 def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize],
-    each computed in float64 on the host and rounded once to ``dtype``."""
+    each computed in float64 (on the host, or on the device for the sync-free path) and rounded
+    once to ``dtype``."""
     additive = s.weight_decay if s.decay_at != "all" else 0.0
     values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
               additive if s.decay_at == "z" else 0.0, s.shrink,
               s.beta2 if s.beta2 is not None else 0.0, s.one_minus_beta2, s.inv_bias_correction2, s.eps,
-              float(s.normalize)]
+              s.normalize if isinstance(s.normalize, Tensor) else float(s.normalize)]
+    if any(isinstance(v, Tensor) for v in values):  # device scalars: no host value is read or copied
+        return torch.stack([v.to(device, torch.float64) if isinstance(v, Tensor) else
+                            torch.full((), v, dtype=torch.float64, device=device) for v in values]).to(dtype)
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -156,37 +224,44 @@ def _cpu_extension() -> None:
                            "install a C++ compiler and ninja, or use foreach=True / the default path") from e
 
 
-def _compiled_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
+def _adam_update(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor, ok: Optional[Tensor]) -> None:
     lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, one_minus_beta2, inv_bc2, eps, normalize = c.unbind()
     y0 = y * shrink
     z0 = z * shrink
     v1 = v * beta2 + g * g * one_minus_beta2
     denom = torch.where(normalize > 0, torch.sqrt(v1 * inv_bc2) + eps, torch.ones_like(v1))
     gn = g / denom + wd_y * y0 + wd_z * z0
-    y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
-    z.copy_(z0 - lr * gn)
+    y1, z1 = torch.lerp(y0, z0, ckp1) + y_coef * gn, z0 - lr * gn
+    if ok is not None:  # a skipped step writes back the old values: bitwise unchanged
+        y1, z1, v1 = torch.where(ok, y1, y), torch.where(ok, z1, z), torch.where(ok, v1, v)
+    y.copy_(y1)
+    z.copy_(z1)
     v.copy_(v1)
 
 
-def _compiled_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
+def _sgd_update(y: Tensor, g: Tensor, z: Tensor, c: Tensor, ok: Optional[Tensor]) -> None:
     lr, ckp1, y_coef, wd_y, wd_z, shrink = c.unbind()[:6]
     y0 = y * shrink
     z0 = z * shrink
     gn = g + wd_y * y0 + wd_z * z0
-    y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
-    z.copy_(z0 - lr * gn)
+    y1, z1 = torch.lerp(y0, z0, ckp1) + y_coef * gn, z0 - lr * gn
+    if ok is not None:
+        y1, z1 = torch.where(ok, y1, y), torch.where(ok, z1, z)
+    y.copy_(y1)
+    z.copy_(z1)
+
+
+def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], c: Tensor, ok: Optional[Tensor]) -> None:
+    """The fused math in eager torch ops over one tensor (any layout, any device)."""
+    if v is None:
+        _sgd_update(y, g, z, c, ok)
+    else:
+        _adam_update(y, g, z, v, c, ok)
 
 
 @functools.cache
 def _compiled(kind: str) -> Callable:
-    return torch.compile(_compiled_adam if kind == "adam" else _compiled_sgd, dynamic=True, fullgraph=True)
-
-
-def _compiled_fused_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars) -> None:
-    """One compiled pass over a contiguous tensor (any device); size 1 gets a graph of its own."""
-    c = _fused_constants(s, torch.float64 if y.dtype == torch.float64 else torch.float32, y.device)
-    group = [y, g, z] + ([] if v is None else [v])
-    _compiled("sgd" if v is None else "adam")(*map(_flat_alias, group), c)
+    return torch.compile(_adam_update if kind == "adam" else _sgd_update, dynamic=True, fullgraph=True)
 
 
 def _flat_alias(t: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ...optim import host_values
 from .buckets import Bucket
 
 # ``opt`` below is a ZeroScheduleFree (not imported: optimizer.py imports this module).
@@ -22,16 +23,12 @@ def _keys(opt: Any) -> list[str]:
     return ["z", *opt.inner.moment_keys]
 
 
-def _group_values(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k != "params"}
-
-
 def _set_groups(opt: Any, groups: list[dict[str, Any]]) -> None:
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"the state has {len(groups)} param groups, this optimizer {len(opt.param_groups)}: "
                          "build the optimizer with the same groups as the run that saved it")
     for outer, inner, saved in zip(opt.param_groups, opt.inner.param_groups, groups):
-        values = _group_values(saved)
+        values = host_values(saved)
         inner.update(values)
         outer.update(values)
 
@@ -137,7 +134,7 @@ def consolidated_state_dict(opt: Any, to: int = 0) -> dict[str, Any]:
         return {}
     groups, n = [], 0
     for g in opt.param_groups:
-        groups.append({**_group_values(g), "params": list(range(n, n + len(g["params"])))})
+        groups.append({**host_values(g), "params": list(range(n, n + len(g["params"])))})
         n += len(g["params"])
     return {"state": state, "param_groups": groups}
 
@@ -172,7 +169,7 @@ def sharded_state_dict(opt: Any) -> dict[str, Any]:
             if b.separate_master:
                 entry["master"] = _dtensor(opt, b, b.master)
             buckets[f"group{g}_bucket{j}"] = entry
-    return {"param_groups": [_group_values(g) for g in opt.inner.param_groups], "buckets": buckets}
+    return {"param_groups": [host_values(g) for g in opt.inner.param_groups], "buckets": buckets}
 
 
 @torch.no_grad()
