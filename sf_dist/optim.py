@@ -7,6 +7,7 @@ or FSDP1 flat-parameter views, including empty shards.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -66,6 +67,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Advance the group's schedule by one step and return the kernel's scalars."""
         raise NotImplementedError
 
+    def state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The moment buffers a param of ``group`` keeps beside z: ``moment_keys`` unless a
+        subclass's option adds one (AdamW's ``exp_avg`` when inner_momentum > 0)."""
+        return self.moment_keys
+
     # ---- mode ------------------------------------------------------------------------------
     @property
     def train_mode(self) -> bool:
@@ -102,13 +108,14 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:
             for p in group["params"]:
-                self._state_for(p)
+                self._state_for(p, group)
 
-    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
+    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self.state[p]
         if "z" not in state:
             state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            for key in self.moment_keys:
+        for key in self.state_keys(group):  # a moment switched on mid-run starts at zero
+            if key not in state:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
@@ -130,20 +137,21 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if self.nonfinite != "ignore" and self._skip(active):
             return loss
         for group, params in zip(self.param_groups, active):
-            ys, grads, zs, moments = [], [], [], []
+            keys = self.state_keys(group)
+            ys, grads, zs, moments = [], [], [], {key: [] for key in keys}
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("Schedule-Free optimizers do not support sparse gradients")
-                state = self._state_for(p)
+                state = self._state_for(p, group)
                 ys.append(local(p))
                 grads.append(local(p.grad))
                 zs.append(local(state["z"]))
-                if self.moment_keys:
-                    moments.append(local(state[self.moment_keys[0]]))
+                for key in keys:
+                    moments[key].append(local(state[key]))
             s = self.scalars(group)
             if ys:
-                kernels.step_(ys, grads, zs, moments if self.moment_keys else None, s,
-                              impl=_pick_impl(group, ys))
+                kernels.step_(ys, grads, zs, moments.get("exp_avg_sq"), s, impl=_pick_impl(group, ys),
+                              exp_avgs=moments.get("exp_avg"))
             group["k"] += 1
         return loss
 
@@ -174,6 +182,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 class AdamWScheduleFree(ScheduleFreeOptimizer):
     """Schedule-Free AdamW (memory-efficient form), numerically equal to schedulefree 1.4.1.
 
+    ``inner_momentum`` mu > 0 (the reference's newest option; 0.9 is its suggestion) replaces the
+    gradient in Adam's numerator by its bias-corrected EMA, kept as state ``exp_avg``.
+
     >>> opt = AdamWScheduleFree(model.parameters(), lr=2.5e-3, warmup_steps=100)
     >>> opt.train()   # before training steps;  opt.eval() before evaluating or saving
     """
@@ -183,13 +194,26 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
     def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, decay_at: str = "y", foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, nonfinite: str = "skip") -> None:
+                 fused: Optional[bool] = None, nonfinite: str = "skip", inner_momentum: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                      decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
+                                      decay_at=decay_at, foreach=foreach, fused=fused,
+                                      inner_momentum=inner_momentum), nonfinite)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # schedulefree 1.4.1 and our older state dicts lack it
+            group.setdefault("inner_momentum", 0.0)
+
+    def state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg_sq", "exp_avg") if group["inner_momentum"] > 0 else ("exp_avg_sq",)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
-        return _adam_scalars(group, group["lr"] * warmup_factor(group["k"], group["warmup_steps"]), True)
+        s = _adam_scalars(group, group["lr"] * warmup_factor(group["k"], group["warmup_steps"]), True)
+        mu = group["inner_momentum"]
+        if mu == 0:
+            return s
+        return dataclasses.replace(s, inner_momentum=mu, bias_correction1=1 - mu ** (group["k"] + 1))
 
 
 class RAdamScheduleFree(ScheduleFreeOptimizer):
@@ -265,6 +289,8 @@ def _validate(group: dict[str, Any]) -> None:
     if "momentum" in group and not 0.0 < group["momentum"] < 1.0:
         raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in (0, 1); "
                          "x = (y - (1-m)*z)/m needs m > 0)")
+    if "inner_momentum" in group and not 0.0 <= group["inner_momentum"] < 1.0:
+        raise ValueError(f"Invalid inner_momentum: {group['inner_momentum']} (must be in [0, 1); 0 turns it off)")
     if "warmup_steps" in group and not group["warmup_steps"] >= 0:
         raise ValueError(f"Invalid warmup_steps: {group['warmup_steps']} (must be >= 0)")
     if group["decay_at"] not in DECAY_AT:

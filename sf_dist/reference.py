@@ -25,12 +25,13 @@ class ReferenceScheduleFree(torch.optim.Optimizer):
     def __init__(self, params: Any, kind: str = "adamw", lr: float = 0.0025, b1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
                  r: float = 0.0, weight_lr_power: float = 2.0, silent_sgd_phase: bool = True,
-                 decay_at: str = "y") -> None:
+                 decay_at: str = "y", inner_momentum: float = 0.0) -> None:
         if kind not in KINDS:
             raise ValueError(f"Invalid kind {kind!r}: expected one of {KINDS}")
         defaults = dict(kind=kind, lr=lr, b1=b1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                         warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                        silent_sgd_phase=silent_sgd_phase, decay_at=decay_at, k=0, train_mode=False,
+                        silent_sgd_phase=silent_sgd_phase, decay_at=decay_at, inner_momentum=inner_momentum,
+                        k=0, train_mode=False,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
 
@@ -62,7 +63,7 @@ class ReferenceScheduleFree(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state.update(x=p.clone(), y=p.clone(), z=p.clone(), v=torch.zeros_like(p))
+                    state.update(x=p.clone(), y=p.clone(), z=p.clone(), v=torch.zeros_like(p), m=torch.zeros_like(p))
                 x, y, z, v = state["x"], state["y"], state["z"], state["v"]
                 g = p.grad
                 if decay_at == "all":
@@ -72,6 +73,10 @@ class ReferenceScheduleFree(torch.optim.Optimizer):
                     z.sub_(y if decay_at == "y" else z, alpha=lr * wd)
                 if group["kind"] != "sgd":
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                mu = group["inner_momentum"]
+                if mu > 0:  # Adam's first moment, bias-corrected, in place of the gradient
+                    state["m"].mul_(mu).add_(g, alpha=1 - mu)
+                    g = state["m"] / (1 - mu ** (group["k"] + 1))
                 if normalize:
                     g = g / ((v / (1 - beta2 ** (group["k"] + 1))).sqrt() + group["eps"])
                 z.sub_(g, alpha=lr)

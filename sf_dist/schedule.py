@@ -25,6 +25,8 @@ class StepScalars:
     bias_correction2: float = 1.0
     eps: float = 0.0
     normalize: bool = False  # divide by sqrt(v/bc2)+eps (Adam) or take the raw gradient
+    inner_momentum: float = 0.0  # m = mu*m + (1-mu)*g replaces g in the numerator (AdamW's option)
+    bias_correction1: float = 1.0  # 1 - mu**(k+1) when inner_momentum > 0
 
     @property
     def one_minus_beta2(self) -> float:
@@ -35,6 +37,16 @@ class StepScalars:
     def inv_bias_correction2(self) -> float:
         """1 / (1 - beta2**(k+1)) in float64, so kernels multiply by a value rounded once."""
         return 1.0 / self.bias_correction2
+
+    @property
+    def one_minus_inner_momentum(self) -> float:
+        """1 - mu in float64, for the same reason as one_minus_beta2."""
+        return 1.0 - self.inner_momentum
+
+    @property
+    def inv_bias_correction1(self) -> float:
+        """1 / (1 - mu**(k+1)) in float64 (1.0 without inner momentum)."""
+        return 1.0 / self.bias_correction1
 
     @property
     def shrink(self) -> float:

@@ -4,7 +4,8 @@ They know nothing of ranks, sharding or param groups; every operation is element
 run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths, one math:
 
     v  = b2*v + (1-b2)*g*g                       (AdamW / RAdam only)
-    gn = g / (sqrt(v/bc2) + eps)  if normalize else g
+    m  = mu*m + (1-mu)*g;  g' = m/bc1            (AdamW's inner_momentum mu > 0 only; else g' = g)
+    gn = g' / (sqrt(v/bc2) + eps)  if normalize else g'
     gn += wd*y (decay_at="y") or wd*z (decay_at="z");  decay_at="all": y, z *= 1-lr*wd first
     y  = lerp(y, z, ckp1) + y_coef*gn ;  z -= lr*gn
 """
@@ -25,15 +26,23 @@ IMPLS = ("single", "foreach", "fused")
 
 
 def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
-          exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single") -> None:
-    """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``)."""
+          exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single",
+          exp_avgs: Optional[Sequence[Tensor]] = None) -> None:
+    """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``, ``exp_avgs``).
+
+    ``exp_avgs`` (the inner momentum) must be given exactly when ``s.inner_momentum > 0``.
+    """
+    if (exp_avgs is not None) != (s.inner_momentum > 0):
+        raise ValueError(f"exp_avgs must be given exactly when inner_momentum > 0 (got {s.inner_momentum})")
     if impl == "single":
         for i in range(len(ys)):
-            _single_tensor_step(ys[i], grads[i], zs[i], None if exp_avg_sqs is None else exp_avg_sqs[i], s)
+            _single_tensor_step(ys[i], grads[i], zs[i], None if exp_avg_sqs is None else exp_avg_sqs[i], s,
+                                None if exp_avgs is None else exp_avgs[i])
     elif impl == "foreach":
-        _foreach_step(list(ys), list(grads), list(zs), None if exp_avg_sqs is None else list(exp_avg_sqs), s)
+        _foreach_step(list(ys), list(grads), list(zs), None if exp_avg_sqs is None else list(exp_avg_sqs), s,
+                      None if exp_avgs is None else list(exp_avgs))
     elif impl == "fused":
-        _fused_step(ys, grads, zs, exp_avg_sqs, s)
+        _fused_step(ys, grads, zs, exp_avg_sqs, s, exp_avgs)
     else:
         raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
 
@@ -49,16 +58,22 @@ def swap_(ys: Sequence[Tensor], zs: Sequence[Tensor], weight: float, foreach: bo
             y.lerp_(z, weight)
 
 
-def _single_tensor_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars) -> None:
+def _single_tensor_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars,
+                        m: Optional[Tensor] = None) -> None:
     if s.decay_at == "all" and s.weight_decay != 0:
         y.mul_(s.shrink)
         z.mul_(s.shrink)
     if v is not None:
         v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+    num = g
+    if m is not None:
+        m.mul_(s.inner_momentum).add_(g, alpha=s.one_minus_inner_momentum)
+        num = m.div(s.bias_correction1)
     if s.normalize:
-        gn = g / v.div(s.bias_correction2).sqrt_().add_(s.eps)
+        gn = num.div_(v.div(s.bias_correction2).sqrt_().add_(s.eps)) if m is not None else \
+            g / v.div(s.bias_correction2).sqrt_().add_(s.eps)
     else:
-        gn = g.clone() if s.weight_decay != 0 and s.decay_at != "all" else g
+        gn = g.clone() if s.weight_decay != 0 and s.decay_at != "all" and m is None else num
     if s.weight_decay != 0 and s.decay_at != "all":
         gn.add_(y if s.decay_at == "y" else z, alpha=s.weight_decay)
     y.lerp_(z, s.ckp1)
@@ -67,25 +82,34 @@ def _single_tensor_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s:
 
 
 def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
-                  vs: Optional[list[Tensor]], s: StepScalars) -> None:
+                  vs: Optional[list[Tensor]], s: StepScalars, ms: Optional[list[Tensor]] = None) -> None:
     if s.decay_at == "all" and s.weight_decay != 0:
         torch._foreach_mul_(ys, s.shrink)
         torch._foreach_mul_(zs, s.shrink)
     if vs is not None:
         torch._foreach_mul_(vs, s.beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1 - s.beta2)
+    num = grads
+    if ms is not None:
+        torch._foreach_mul_(ms, s.inner_momentum)
+        torch._foreach_add_(ms, grads, alpha=s.one_minus_inner_momentum)
+        num = torch._foreach_div(ms, s.bias_correction1)
     if s.normalize:
         denom = torch._foreach_div(vs, s.bias_correction2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, s.eps)
-        gn = torch._foreach_div(grads, denom)
+        if ms is not None:
+            torch._foreach_div_(num, denom)
+            gn = num
+        else:
+            gn = torch._foreach_div(grads, denom)
         del denom
         if s.weight_decay != 0 and s.decay_at != "all":
             torch._foreach_add_(gn, ys if s.decay_at == "y" else zs, alpha=s.weight_decay)
     elif s.weight_decay != 0 and s.decay_at != "all":
-        gn = torch._foreach_add(grads, ys if s.decay_at == "y" else zs, alpha=s.weight_decay)
+        gn = torch._foreach_add(num, ys if s.decay_at == "y" else zs, alpha=s.weight_decay)
     else:
-        gn = grads
+        gn = num
     torch._foreach_lerp_(ys, zs, s.ckp1)
     torch._foreach_add_(ys, gn, alpha=s.y_coef)
     torch._foreach_sub_(zs, gn, alpha=s.lr)
@@ -97,22 +121,25 @@ def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
 # scalars as one small tensor, so their per-step change never triggers a rebuild or recompile.
 
 def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
-                exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars) -> None:
+                exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars,
+                exp_avgs: Optional[Sequence[Tensor]] = None) -> None:
     n = len(ys)
     vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
+    ms = [None] * n if exp_avgs is None else list(exp_avgs)
     fusable = [i for i in range(n) if ys[i].numel() > 0 and
-               all(t.is_contiguous() for t in (ys[i], grads[i], zs[i], vs[i]) if t is not None)]
+               all(t.is_contiguous() for t in (ys[i], grads[i], zs[i], vs[i], ms[i]) if t is not None)]
     for i in sorted(set(range(n)) - set(fusable)):  # strided tensors (empty ones have nothing to do)
-        _single_tensor_step(ys[i], grads[i], zs[i], vs[i], s)
+        _single_tensor_step(ys[i], grads[i], zs[i], vs[i], s, ms[i])
     cpu = [i for i in fusable if _on_cpu_kernel(ys[i])]
     if cpu:
         pick = lambda ts: [ts[i] for i in cpu]
         _cpu_extension()
         torch.ops.sf_dist.fused_step(pick(ys), pick(grads), pick(zs), [] if exp_avg_sqs is None else pick(vs),
+                                     [] if exp_avgs is None else pick(ms),
                                      _fused_constants(s, torch.float64, torch.device("cpu")))
     for i in fusable:
         if not _on_cpu_kernel(ys[i]):
-            _compiled_fused_step(ys[i], grads[i], zs[i], vs[i], s)
+            _compiled_fused_step(ys[i], grads[i], zs[i], vs[i], s, ms[i])
 
 
 def _on_cpu_kernel(t: Tensor) -> bool:
@@ -121,13 +148,14 @@ def _on_cpu_kernel(t: Tensor) -> bool:
 
 
 def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize],
-    each computed in float64 on the host and rounded once to ``dtype``."""
+    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize,
+    mu, 1-mu, 1/bias_correction1] (mu: inner momentum), each computed in float64 on the host and
+    rounded once to ``dtype``."""
     additive = s.weight_decay if s.decay_at != "all" else 0.0
     values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
               additive if s.decay_at == "z" else 0.0, s.shrink,
               s.beta2 if s.beta2 is not None else 0.0, s.one_minus_beta2, s.inv_bias_correction2, s.eps,
-              float(s.normalize)]
+              float(s.normalize), s.inner_momentum, s.one_minus_inner_momentum, s.inv_bias_correction1]
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -159,7 +187,7 @@ def _cpu_extension() -> None:
 
 
 def _compiled_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> None:
-    lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, one_minus_beta2, inv_bc2, eps, normalize = c.unbind()
+    lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, one_minus_beta2, inv_bc2, eps, normalize = c.unbind()[:11]
     y0 = y * shrink
     z0 = z * shrink
     v1 = v * beta2 + g * g * one_minus_beta2
@@ -168,6 +196,21 @@ def _compiled_adam(y: Tensor, g: Tensor, z: Tensor, v: Tensor, c: Tensor) -> Non
     y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
     z.copy_(z0 - lr * gn)
     v.copy_(v1)
+
+
+def _compiled_adam_momentum(y: Tensor, g: Tensor, z: Tensor, v: Tensor, m: Tensor, c: Tensor) -> None:
+    lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, one_minus_beta2, inv_bc2, eps, normalize, mu, one_minus_mu, \
+        inv_bc1 = c.unbind()
+    y0 = y * shrink
+    z0 = z * shrink
+    v1 = v * beta2 + g * g * one_minus_beta2
+    m1 = m * mu + g * one_minus_mu
+    denom = torch.where(normalize > 0, torch.sqrt(v1 * inv_bc2) + eps, torch.ones_like(v1))
+    gn = m1 * inv_bc1 / denom + wd_y * y0 + wd_z * z0
+    y.copy_(torch.lerp(y0, z0, ckp1) + y_coef * gn)
+    z.copy_(z0 - lr * gn)
+    v.copy_(v1)
+    m.copy_(m1)
 
 
 def _compiled_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
@@ -179,16 +222,21 @@ def _compiled_sgd(y: Tensor, g: Tensor, z: Tensor, c: Tensor) -> None:
     z.copy_(z0 - lr * gn)
 
 
+COMPILED_KERNELS = {"adam": _compiled_adam, "adam_momentum": _compiled_adam_momentum, "sgd": _compiled_sgd}
+
+
 @functools.cache
 def _compiled(kind: str) -> Callable:
-    return torch.compile(_compiled_adam if kind == "adam" else _compiled_sgd, dynamic=True, fullgraph=True)
+    return torch.compile(COMPILED_KERNELS[kind], dynamic=True, fullgraph=True)
 
 
-def _compiled_fused_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars) -> None:
+def _compiled_fused_step(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], s: StepScalars,
+                         m: Optional[Tensor] = None) -> None:
     """One compiled pass over a contiguous tensor (any device); size 1 gets a graph of its own."""
     c = _fused_constants(s, torch.float64 if y.dtype == torch.float64 else torch.float32, y.device)
-    group = [y, g, z] + ([] if v is None else [v])
-    _compiled("sgd" if v is None else "adam")(*map(_flat_alias, group), c)
+    group = [y, g, z] + ([] if v is None else [v]) + ([] if m is None else [m])
+    kind = "sgd" if v is None else "adam" if m is None else "adam_momentum"
+    _compiled(kind)(*map(_flat_alias, group), c)
 
 
 def _flat_alias(t: Tensor) -> Tensor:
