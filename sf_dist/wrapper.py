@@ -181,13 +181,11 @@ def _swap(a: Tensor, b: Tensor) -> None:
 
 def is_shard(p: Tensor) -> bool:
     """Whether ``p`` holds part of a larger tensor: a DTensor sharded on some mesh dim, an FSDP1
-    FlatParameter or an FSDP1 use_orig_params view into one."""
+    FlatParameter, or an original param FSDP1 flattened into one (use_orig_params; torch marks it
+    ``_fsdp_flattened``, also under NO_SHARD, where this errs on the side of refusing)."""
     if isinstance(p, DTensor):
         return any(not isinstance(pl, Replicate) for pl in p.placements)
-    if getattr(p, "_is_flat_param", False):
-        return True
-    base = p.data._base
-    return base is not None and getattr(base, "_is_flat_param", False)
+    return bool(getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
 
 
 def refuse_on_shards(base: torch.optim.Optimizer, params: list[Tensor], sharded: Optional[bool]) -> None:

@@ -192,3 +192,111 @@ def test_bad_bases_are_refused():
         sf_dist.ScheduleFreeWrapper(torch.optim.SGD(p, lr=0.1), momentum=1.0)
     with pytest.raises(TypeError, match="sharded params"):  # told it is sharded: Adafactor is not elementwise
         sf_dist.ScheduleFreeWrapper(torch.optim.Adafactor(p), sharded=True)
+
+
+# ---- sharded: one spawn per world size --------------------------------------------------------
+def _model():
+    torch.manual_seed(0)  # 17 rows: uneven shards at W=2 (9/8) and W=3 (6/6/5)
+    return nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 17), nn.Tanh(), nn.Linear(17, 3)).double()
+
+
+def _data():
+    return mlp_case.batches(7) + mlp_case.batches(8) + mlp_case.batches(9)[:4]  # 20 steps
+
+
+def _reference():
+    """(y, x) of 1.4.1's wrapper around a prefilled Adam, one process, full batches."""
+    model = _model()
+    opt = schedulefree.ScheduleFreeWrapper(_prefill(torch.optim.Adam(model.parameters(), lr=0.02)),
+                                           weight_decay_at_y=0.01, momentum=0.9)
+    mlp_case.run(model, opt, _data())
+    y = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.eval()
+    return y, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _fsdp2(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+
+
+def _check(got, want, what):
+    for k in want:
+        v = got[k].full_tensor() if hasattr(got[k], "full_tensor") else got[k]
+        torch.testing.assert_close(v, want[k], rtol=RTOL, atol=ATOL, msg=f"{what}: {k}")
+
+
+class _Elementwise(torch.optim.SGD):
+    """An optimizer the wrapper does not know: refused on shards until registered."""
+
+
+def _sharded_worker(rank, world):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    y_ref, x_ref = _reference()
+    adam = dict(lr=0.02)
+    cases = {
+        "FSDP2": lambda: _fsdp2(_model(), world),
+        "DDP": lambda: DDP(_model()),
+        "FSDP1": lambda: _fsdp1(_model()),
+    }
+    for name, build in cases.items():
+        model = build()
+        opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
+        mlp_case.run(model, opt, _data(), rank, world)
+        what = f"W={world} {name}"
+        if name == "FSDP1":
+            with FSDP.summon_full_params(model):
+                _check({k: v.clone() for k, v in model.module.state_dict().items()}, y_ref, f"{what} train y")
+        else:
+            sd = model.module.state_dict() if name == "DDP" else model.state_dict()
+            _check(sd, y_ref, f"{what} train y")
+        exported = eval_state_dict(model, opt)  # x, every backend, without changing y
+        if rank == 0:
+            _check({k.removeprefix("module."): v for k, v in exported.items()}, x_ref, f"{what} eval_state_dict x")
+        assert opt.train_mode, what
+    # ZeroScheduleFree: each rank's base steps its slices
+    model = _model()
+    Adam = sf_dist.ScheduleFreeWrapper.around(torch.optim.Adam, **adam)
+    opt = sf_dist.ZeroScheduleFree(model.parameters(), Adam, momentum=0.9, weight_decay=0.01)
+    mlp_case.run(model, opt, _data(), rank, world)
+    _check(model.state_dict(), y_ref, f"W={world} ZeroScheduleFree train y")
+    opt.eval()
+    _check(model.state_dict(), x_ref, f"W={world} ZeroScheduleFree eval x")
+    # refusals on shards: a base that is not elementwise (Adafactor), one that is unknown
+    refused = []
+    for name, build in (("FSDP2", lambda: _fsdp2(_model(), world)), ("FSDP1", lambda: _fsdp1(_model()))):
+        model = build()
+        for base in (torch.optim.Adafactor(model.parameters()), _Elementwise(model.parameters(), lr=0.1)):
+            try:
+                sf_dist.ScheduleFreeWrapper(base)
+            except TypeError as e:
+                assert type(base).__name__ in str(e) and "register_elementwise" in str(e), str(e)
+                refused.append((name, type(base).__name__))
+        sf_dist.register_elementwise(_Elementwise)
+        sf_dist.ScheduleFreeWrapper(_Elementwise(model.parameters(), lr=0.1))  # now taken
+        sf_dist.wrapper.ELEMENTWISE_BASES.discard(_Elementwise)
+    model = DDP(_model())  # replicated params: any base is fine
+    sf_dist.ScheduleFreeWrapper(torch.optim.Adafactor(model.parameters()))
+    return refused
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_one_process(world):
+    """FSDP2 (uneven shards), DDP, FSDP1 and ZeroScheduleFree around Adam equal 1.4.1's wrapper on
+    one process over 20 full batches (y, and x through the eval API); shards refuse Adafactor and
+    an unregistered optimizer, naming it and the fix."""
+    results = run_distributed(_sharded_worker, world)
+    want = [(b, o) for b in ("FSDP2", "FSDP1") for o in ("Adafactor", "_Elementwise")]
+    for rank, refused in enumerate(results):
+        assert refused == want, (rank, refused)
