@@ -12,6 +12,7 @@ import schedulefree
 import torch
 
 import sf_dist
+from dist import run_distributed
 from sf_dist import kernels
 from sf_dist.reference import ReferenceScheduleFree
 
@@ -134,3 +135,76 @@ def test_state_dicts_both_ways(path):
         whole.train(), loader.train()
         _run([whole, loader], [ps[0], ps[2]], 8, start=12)
         _close(ps[2], ps[0], f"y 8 steps after load, mu={mu} {type(saver).__module__}->{type(loader).__module__}")
+
+
+# ---- sharded: one spawn per world size --------------------------------------------------------
+def _model():
+    from torch import nn
+    torch.manual_seed(0)  # 17 rows: uneven shards at W=2 (9/8) and W=3 (6/6/5)
+    return nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 17), nn.Tanh(), nn.Linear(17, 3)).double()
+
+
+HP = dict(lr=0.02, weight_decay=0.01, warmup_steps=3, inner_momentum=0.9)
+
+
+def _sharded_worker(rank, world, outdir):
+    import os
+
+    import mlp_case
+    from test_wrapper import _check, _fsdp2
+
+    import sf_dist.checkpoint
+    data = mlp_case.batches(7) + mlp_case.batches(8) + mlp_case.batches(9)[:4]  # 20 steps
+    ref = _model()
+    ref_opt = ReferenceScheduleFree(ref.parameters(), kind="adamw", **HP)
+    mlp_case.run(ref, ref_opt, data[:12])
+    y12 = {k: v.clone() for k, v in ref.state_dict().items()}
+    mlp_case.run(ref, ref_opt, data[12:])
+    y_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref_opt.eval()
+    x_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+    for path in ("single", "foreach", "cpu"):
+        what = f"W={world} FSDP2 {path}"
+        model = _fsdp2(_model(), world)
+        opt = sf_dist.AdamWScheduleFree(model.parameters(), **HP, **PATHS[path])
+        mlp_case.run(model, opt, data[:12], rank, world)
+        _check(model.state_dict(), y12, f"{what} y at 12")
+        ckpt = os.path.join(outdir, f"fsdp2_{path}")
+        sf_dist.checkpoint.save(ckpt, model, opt)
+        mlp_case.run(model, opt, data[12:], rank, world)
+        _check(model.state_dict(), y_ref, f"{what} y at 20")
+        opt.eval()
+        _check(model.state_dict(), x_ref, f"{what} x")
+        resumed = _fsdp2(_model(), world)
+        resumed_opt = sf_dist.AdamWScheduleFree(resumed.parameters(), **HP, **PATHS[path])
+        sf_dist.checkpoint.load(ckpt, resumed, resumed_opt)
+        assert all("exp_avg" in resumed_opt.state[p] for p in resumed.parameters()), what
+        mlp_case.run(resumed, resumed_opt, data[12:], rank, world)
+        _check(resumed.state_dict(), y_ref, f"{what} y at 20 after a checkpoint at 12")
+    model = _model()
+    opt = sf_dist.ZeroScheduleFree(model.parameters(), sf_dist.AdamWScheduleFree, stage=2, bucket_cap_mb=1e-4,
+                                   **HP)
+    mlp_case.run(model, opt, data[:12], rank, world)
+    _check(model.state_dict(), y12, f"W={world} ZeRO-2 y at 12")
+    opt.eval()
+    full = opt.consolidated_state_dict()  # a plain single-process state dict, exp_avg included
+    x12 = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.train()
+    mlp_case.run(model, opt, data[12:], rank, world)
+    _check(model.state_dict(), y_ref, f"W={world} ZeRO-2 y at 20")
+    if rank == 0:  # the consolidated state continues on one process like the uninterrupted run
+        assert full["state"] and all(set(s) == {"z", "exp_avg_sq", "exp_avg"} for s in full["state"].values())
+        single = _model()
+        single.load_state_dict(x12)
+        single_opt = sf_dist.AdamWScheduleFree(single.parameters(), nonfinite="ignore", **HP)  # rank 0 only
+        single_opt.load_state_dict(full)
+        mlp_case.run(single, single_opt, data[12:])
+        _check(single.state_dict(), y_ref, f"W={world} ZeRO-2 consolidated at 12 -> one process, y at 20")
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_one_process(world, tmp_path):
+    """FSDP2 (uneven shards, every kernel path, a DCP checkpoint at step 12 resumed) and ZeRO-2 (small
+    buckets, its consolidated state dict continued on one process) equal the oracle on one process."""
+    assert run_distributed(_sharded_worker, world, str(tmp_path)) == [True] * world
