@@ -67,7 +67,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     state = _state(model, optimizer, None)
     _check_model_keys(path, metadata, state["model"])
     _check_optimizer_class(path, state["optimizer_class"])
-    chosen = [_hyperparameters(g) for g in optimizer.param_groups]
+    counters = getattr(getattr(optimizer, "inner", optimizer), "counters", COUNTERS)
+    chosen = [_hyperparameters(g, counters) for g in optimizer.param_groups]
     try:
         dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # per-rank tracebacks; the last line names the cause
@@ -146,8 +147,8 @@ def _check_optimizer_class(path: str, mine: bytes) -> None:
                            f"this optimizer is {pickle.loads(mine)}: build the same optimizer class to resume")
 
 
-def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k != "params" and k not in COUNTERS}
+def _hyperparameters(group: dict[str, Any], counters: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params" and k not in counters}
 
 
 def _keep_chosen_hyperparameters(path: str, optimizer: Any, chosen: list[dict[str, Any]]) -> None:

@@ -36,6 +36,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     """Shared machinery: lazy state, mode swaps, kernel dispatch. Subclasses define the schedule."""
 
     moment_keys: tuple[str, ...] = ()
+    counters: tuple[str, ...] = COUNTERS  # group entries a step writes (ZeRO mirrors them, checkpoints keep them)
+    takes_loss = False  # whether step() takes loss= (ScheduleFree+)
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], nonfinite: str = "skip") -> None:
         if nonfinite not in guard.NONFINITE:
@@ -43,6 +45,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.process_group: Optional[Any] = None  # ranks that agree on mode and finiteness (None: all)
+        self.params_are_shards: Optional[bool] = None  # each rank holds distinct slices (None: detect)
         _validate(defaults)
         if defaults["foreach"] and defaults["fused"]:
             raise ValueError("foreach=True and fused=True are exclusive: pick one kernel path")

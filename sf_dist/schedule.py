@@ -6,6 +6,7 @@ communication beyond the gradients.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -78,3 +79,12 @@ def advance_average(group: dict[str, Any], lr: float) -> float:
     weight = ((group["k"] + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
     weight_sum = group["weight_sum"] = group["weight_sum"] + weight
     return weight / weight_sum if weight_sum != 0 else 0.0
+
+
+def annealed_sf_beta1(k: int, start: float, end: float, steps: int) -> float:
+    """ScheduleFree+'s interpolation b at 0-based step ``k``: 1-b moves geometrically from 1-start
+    to 1-end over ``steps`` (0: no annealing), so the averaging window grows smoothly."""
+    if steps <= 0:
+        return start
+    t = min(k / steps, 1.0)
+    return 1 - math.exp(math.log(1 - start) * (1 - t) + math.log(1 - end) * t)

@@ -14,14 +14,9 @@ import torch
 from torch import Tensor
 
 from . import guard
-from .distributed import multi_rank
+from .distributed import is_shard, multi_rank
 from .optim import ScheduleFreeOptimizer, local
 from .schedule import advance_average
-
-try:
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # torch builds without distributed
-    DTensor, Replicate = (), ()  # type: ignore[assignment,misc]
 
 __all__ = ["ScheduleFreeWrapper", "register_elementwise", "ELEMENTWISE_BASES"]
 
@@ -177,15 +172,6 @@ def _swap(a: Tensor, b: Tensor) -> None:
         tmp = a.clone()
         a.copy_(b)
         b.copy_(tmp)
-
-
-def is_shard(p: Tensor) -> bool:
-    """Whether ``p`` holds part of a larger tensor: a DTensor sharded on some mesh dim, an FSDP1
-    FlatParameter, or an original param FSDP1 flattened into one (use_orig_params; torch marks it
-    ``_fsdp_flattened``, also under NO_SHARD, where this errs on the side of refusing)."""
-    if isinstance(p, DTensor):
-        return any(not isinstance(pl, Replicate) for pl in p.placements)
-    return bool(getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
 
 
 def refuse_on_shards(base: torch.optim.Optimizer, params: list[Tensor], sharded: Optional[bool]) -> None:
