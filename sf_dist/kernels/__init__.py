@@ -48,9 +48,11 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
 
 
 def swap_(ys: Sequence[Tensor], zs: Sequence[Tensor], weight: float, foreach: bool = False) -> None:
-    """y <- lerp(y, z, weight): weight 1-1/b1 turns y into x, weight 1-b1 turns x back into y."""
+    """y <- lerp(y, z, weight): weight 1-1/b1 turns y into x, weight 1-b1 turns x back into y.
+    A z stored narrower than y (state_dtype=torch.bfloat16) is widened first."""
     if not ys:
         return
+    zs = [z if z.dtype == y.dtype else z.to(y.dtype) for y, z in zip(ys, zs)]
     if foreach:
         torch._foreach_lerp_(list(ys), list(zs), weight)
     else:

@@ -104,8 +104,9 @@ def _load_full(opt: Any, sd: dict[str, Any]) -> None:
                     opt.inner.state.pop(piece, None)
                     continue
                 start = max(b.offsets[i], b.lo) - b.offsets[i]
+                dtype = opt.inner.param_groups[g].get("state_dtype") or piece.dtype
                 opt.inner.state[piece] = {k: saved[k].reshape(-1)[start:start + piece.numel()]
-                                          .to(piece.device, piece.dtype, copy=True) for k in _keys(opt, g)}
+                                          .to(piece.device, dtype, copy=True) for k in _keys(opt, g)}
             if b.separate_master:
                 b.master.copy_(b.flat[b.lo:b.hi])
             n += len(b.params)
