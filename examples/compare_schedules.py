@@ -27,7 +27,8 @@ from lm_data import load_corpus, train_batch, val_batches  # noqa: E402
 from lm_optim import build_optimizer  # noqa: E402
 from tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
 
-METHODS = {"sf_adamw": "Schedule-Free AdamW, constant lr", "sf_plus": "ScheduleFree+ (AdamC, Polyak step)",
+METHODS = {"sf_adamw": "Schedule-Free AdamW, constant lr", "sf_adamw_bf16": "Schedule-Free AdamW, bf16 state",
+           "sf_plus": "ScheduleFree+ (AdamC, Polyak step)",
            "adamw_cosine": "AdamW, warmup + cosine to 0",
            "adamw_wsd": "AdamW, warmup-stable-decay (linear to 0 over the last 20%)",
            "adamw_constant": "AdamW, warmup + constant lr"}

@@ -9,8 +9,8 @@ import torch
 
 import sf_dist
 
-SCHEDULE_FREE = {"sf_adamw": sf_dist.AdamWScheduleFree, "sf_sgd": sf_dist.SGDScheduleFree,
-                 "sf_radam": sf_dist.RAdamScheduleFree}
+SCHEDULE_FREE = {"sf_adamw": sf_dist.AdamWScheduleFree, "sf_adamw_bf16": sf_dist.AdamWScheduleFree,
+                 "sf_sgd": sf_dist.SGDScheduleFree, "sf_radam": sf_dist.RAdamScheduleFree}
 BASELINES = ("adamw_cosine", "adamw_constant", "adamw_wsd")
 OPTIMIZERS = tuple(SCHEDULE_FREE) + BASELINES
 # step(loss=...) optimizers: examples/compare_schedules.py passes the loss (train_lm.py does not)
@@ -25,6 +25,8 @@ def sf_defaults(name: str, lr: float, warmup: int, weight_decay: float, beta2: f
         kwargs["warmup_steps"] = warmup
     if name != "sf_sgd":
         kwargs["betas"] = (0.9, beta2)
+    if name == "sf_adamw_bf16":  # z and the second moment in bf16, stochastically rounded
+        kwargs["state_dtype"] = torch.bfloat16
     return kwargs
 
 
