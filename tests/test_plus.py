@@ -67,8 +67,11 @@ def _close(a, b, what):
 
 
 def _grid():
+    """Half of the 2^5 on/off combinations (an even number of options on): each option, and each
+    pair of options, is on and off in some setting."""
     for wd, pb, cw, anneal, r in itertools.product([0.0, 5.0], [0.0, 0.9], [0, 4], [0, 10], [0.0, 1.0]):
-        yield dict(lr=0.5, weight_decay=wd, polyak_beta=pb, c_warmup=cw, sf_beta1_anneal_steps=anneal, r=r)
+        if sum(bool(v) for v in (wd, pb, cw, anneal, r)) % 2 == 0:
+            yield dict(lr=0.5, weight_decay=wd, polyak_beta=pb, c_warmup=cw, sf_beta1_anneal_steps=anneal, r=r)
 
 
 @pytest.mark.parametrize("how", ["loss", "closure", "set_loss"])
@@ -76,7 +79,7 @@ def test_matches_oracle(how):
     """y each step, x in eval mode, y after eval->train and 5 more steps, the Polyak step and the
     counters; over weight decay, polyak_beta, c_warmup, sf_beta1 annealing and r."""
     grid = list(_grid())
-    for hp in grid if how == "loss" else grid[::8]:  # the other two ways of passing the loss: a few settings
+    for hp in grid if how == "loss" else grid[::5]:  # the other two ways of passing the loss: a few settings
         init, target = _problem()
         ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
         ours, oracle = sf_dist.AdamCScheduleFreePlus(ps[0], **hp), ReferenceScheduleFreePlus(ps[1], **hp)
