@@ -9,7 +9,6 @@ Sharded runs (FSDP2 W=2,3 uneven, FSDP1, DDP, ZeroScheduleFree) equal one proces
 import pytest
 import schedulefree
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import mlp_case
