@@ -242,3 +242,47 @@ def test_sharded_equals_one_process(world):
     once and average the loss over the ranks."""
     results = run_distributed(_sharded_worker, world)
     assert all(r == results[0] for r in results)
+
+
+def _deepspeed_worker(rank, world):
+    from sf_dist import deepspeed as sfds
+    ref = _model().float().double()
+    ref_opt = ReferenceScheduleFreePlus(ref.parameters(), **HP)
+    ref_opt.train()
+    for x, t in _data():
+        ref_opt.zero_grad()
+        loss = nn.functional.mse_loss(ref(x), t)
+        loss.backward()
+        ref_opt.step(loss=float(loss))
+    per = mlp_case.BATCH // world
+    config = {"train_micro_batch_size_per_gpu": per, "steps_per_print": 10**9, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamCScheduleFreePlus", "params": HP}}
+    engine, opt, _, _ = sfds.initialize(model=_model().float(), config=config)
+    opt.train()
+    for x, t in _data():
+        loss = nn.functional.mse_loss(engine(x[rank * per:(rank + 1) * per].float()), t[rank * per:(rank + 1) * per].float())
+        engine.backward(loss)
+        opt.set_loss(loss.detach())  # the loss reaches ScheduleFree+ before the engine steps it
+        engine.step()
+    y = sfds.engine_state_dict(engine)
+    refused = ""
+    try:
+        model = _model().float()
+        sfds.initialize(model=model, config=config, model_parameters=[
+            {"params": [model[0].weight]}, {"params": [p for n, p in model.named_parameters() if n != "0.weight"]}])
+    except TypeError as e:
+        refused = str(e)
+    return {k: v.double() for k, v in y.items()}, {k: v.clone() for k, v in ref.state_dict().items()}, refused
+
+
+def test_deepspeed_zero2_config_entry():
+    """"type": "AdamCScheduleFreePlus" in a ds_config at ZeRO-2, W=2, the loss given by set_loss()
+    before engine.step(): equal to the float64 oracle on the full batch within DeepSpeed's fp32
+    masters (rtol 1e-4, as tests/test_deepspeed.py); two param groups are refused with the reason."""
+    pytest.importorskip("deepspeed")
+    results = run_distributed(_deepspeed_worker, 2)
+    y, want, _ = results[0]  # the full weights are gathered to rank 0
+    assert set(y) == set(want)
+    for k in want:
+        torch.testing.assert_close(y[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert all("one param group" in refused for _, _, refused in results), results[0][2]

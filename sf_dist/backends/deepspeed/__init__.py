@@ -23,10 +23,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
+from ...plus import AdamCScheduleFreePlus
 
 __all__ = ["initialize", "attach", "engine_state_dict", "is_deepspeed", "OPTIMIZERS"]
 
-OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
+OPTIMIZERS = {cls.__name__.lower(): cls
+              for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree, AdamCScheduleFreePlus)}
 
 SCHEDULER_REFUSAL = (
     "ds_config has a 'scheduler' entry ({name}) next to the Schedule-Free optimizer {opt}. "
@@ -249,6 +251,10 @@ class _EngineScheduleFree:
                                "before training steps (and optimizer.eval() before evaluating or saving).")
         return super().step(*args, **kwargs)
 
+    def set_loss(self, loss: Any) -> None:
+        """ScheduleFree+: the loss for the next engine.step() (call it after engine.backward(loss))."""
+        self.optimizer.set_loss(loss)
+
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.__dict__.pop("_sf_y", None)
         return super().load_state_dict(*args, **kwargs)
@@ -370,6 +376,12 @@ def attach(engine_optimizer: Any) -> Any:
     else:
         raise TypeError(f"unsupported DeepSpeed optimizer wrapper {type(engine_optimizer).__name__}: "
                         "Schedule-Free train()/eval() know ZeRO-0/1/2/3 and DeepSpeed's BF16 optimizer")
+    if base.takes_loss:
+        if mixin is not _ZeRO12 or len(base.param_groups) != 1:
+            raise TypeError(f"{type(base).__name__} under DeepSpeed needs ZeRO-1/2 and one param group: DeepSpeed "
+                            "steps the base optimizer once per group (or ZeRO-3 sub-group), and ScheduleFree+'s "
+                            "step size is one global reduction over every param; use one group, or ZeroScheduleFree")
+        base.params_are_shards = True  # each rank steps its own flat partition
     cls = type(engine_optimizer)
     if cls not in _MIXED:
         _MIXED[cls] = type(f"ScheduleFree{cls.__name__}", (mixin, cls), {})
