@@ -27,6 +27,7 @@ from .optim import COUNTERS
 from .backends.deepspeed import is_deepspeed
 from .distributed import agreed_train_mode, rank0_io
 from .weights import own_state_dict_calls
+from .wrapper import ScheduleFreeWrapper
 
 __all__ = ["save", "load", "latest"]
 
@@ -41,7 +42,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
 
     >>> sf_dist.checkpoint.save("ckpt/step_1000", model, opt, extra={"step": 1000})
     """
-    path = _checked_path(path, model)
+    path = _checked_path(path, model, optimizer)
     agreed_train_mode(optimizer)
     tmp = path + ".tmp"
 
@@ -62,7 +63,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
 
     >>> extra = sf_dist.checkpoint.load("ckpt/step_1000", model, opt)
     """
-    path = _checked_path(path, model)
+    path = _checked_path(path, model, optimizer)
     metadata = _read_metadata(path)
     state = _state(model, optimizer, None)
     _check_model_keys(path, metadata, state["model"])
@@ -108,7 +109,12 @@ def latest(root: str | os.PathLike) -> str | None:
     return None
 
 
-def _checked_path(path: str | os.PathLike, model: Any) -> str:
+def _checked_path(path: str | os.PathLike, model: Any, optimizer: Any) -> str:
+    if isinstance(optimizer, ScheduleFreeWrapper) or isinstance(getattr(optimizer, "inner", None),
+                                                                 ScheduleFreeWrapper):
+        raise TypeError("sf_dist.checkpoint does not take a ScheduleFreeWrapper yet: its base optimizer creates "
+                        "its state lazily, so a DCP load could not know the base's keys and would drop them. "
+                        "Save wrapper.state_dict() (and the model) with torch.save on each rank instead")
     if is_deepspeed(model):
         raise TypeError("sf_dist.checkpoint does not handle DeepSpeed engines: use engine.save_checkpoint() / "
                         "engine.load_checkpoint() (see docs/deepspeed.md)")

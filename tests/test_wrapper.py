@@ -299,3 +299,13 @@ def test_sharded_equals_one_process(world):
     want = [(b, o) for b in ("FSDP2", "FSDP1") for o in ("Adafactor", "_Elementwise")]
     for rank, refused in enumerate(results):
         assert refused == want, (rank, refused)
+
+
+def test_dcp_checkpoint_refuses_the_wrapper_with_the_reason(tmp_path):
+    """sf_dist.checkpoint would lose the base's lazily created state on load: refused, nothing written."""
+    import sf_dist.checkpoint
+    model = nn.Linear(4, 2).double()
+    opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), lr=0.01))
+    with pytest.raises(TypeError, match="torch.save"):
+        sf_dist.checkpoint.save(tmp_path / "ckpt", model, opt)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
