@@ -1,4 +1,4 @@
-"""Schedule-Free AdamW (constant lr) against AdamW with warmup + cosine decay, and with a constant lr.
+"""Schedule-Free AdamW and ScheduleFree+ against AdamW with warmup + cosine, warmup-stable-decay, constant lr.
 
 Each method's lr is picked from the same grid by the mean final validation loss over the seeds.
 Reported: final validation loss (mean, spread), validation loss at 25/50/75% of the budget from
@@ -27,7 +27,10 @@ from lm_data import load_corpus, train_batch, val_batches  # noqa: E402
 from lm_optim import build_optimizer  # noqa: E402
 from tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
 
-METHODS = {"sf_adamw": "Schedule-Free AdamW, constant lr", "adamw_cosine": "AdamW, warmup + cosine to 0",
+METHODS = {"sf_adamw": "Schedule-Free AdamW, constant lr", "sf_adamw_bf16": "Schedule-Free AdamW, bf16 state",
+           "sf_plus": "ScheduleFree+ (AdamC, Polyak step)",
+           "adamw_cosine": "AdamW, warmup + cosine to 0",
+           "adamw_wsd": "AdamW, warmup-stable-decay (linear to 0 over the last 20%)",
            "adamw_constant": "AdamW, warmup + constant lr"}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 _DATA: dict = {}
@@ -36,7 +39,9 @@ _DATA: dict = {}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=600, help="the full budget")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="the lr grid, the same for every method")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="the lr grid, the same for every method but sf_plus")
+    p.add_argument("--plus-lrs", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
+                   help="ScheduleFree+'s grid: its lr multiplies the Polyak step size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation and data order)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay, for every method")
@@ -86,7 +91,7 @@ def run_one(job: dict) -> dict:
         loss = F.cross_entropy(model(idx).flatten(0, 1), tgt.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt.step(loss=loss.detach()) if getattr(opt, "takes_loss", False) else opt.step()
         if sched is not None:
             sched.step()
         if step + 1 in job["eval_at"]:
@@ -127,11 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs, initializer=_init_worker) as pool:
-        grid = _run_all(pool, [job(m, lr, s, args.steps, marks) for m in args.methods for lr in args.lrs for s in args.seeds], "lr grid")
+        grid = _run_all(pool, [job(m, lr, s, args.steps, marks) for m in args.methods for lr in _lrs(args, m)
+                               for s in args.seeds], "lr grid")
         final = {(r["method"], r["lr"]): [] for r in grid}
         for r in grid:
             final[(r["method"], r["lr"])].append(r["curve"][args.steps])
-        best_lr = {m: min(args.lrs, key=lambda lr: statistics.fmean(final[(m, lr)])) for m in args.methods}
+        best_lr = {m: min(_lrs(args, m), key=lambda lr: statistics.fmean(final[(m, lr)])) for m in args.methods}
         short = [round(args.steps * f) for f in FRACTIONS[:-1]] if "adamw_cosine" in args.methods else []
         restarted = _run_all(pool, [job("adamw_cosine", best_lr["adamw_cosine"], s, b, [b]) for b in short for s in args.seeds],
                              "cosine restarted per budget")
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [r for r in grid if r["method"] == m and r["lr"] == best_lr[m]]
         results["methods"][m] = {
             "lr": best_lr[m],
-            "grid_final": {str(lr): _stats(final[(m, lr)]) for lr in args.lrs},
+            "grid_final": {str(lr): _stats(final[(m, lr)]) for lr in _lrs(args, m)},
             "at": {str(round(args.steps * f)): _stats([r["curve"][round(args.steps * f)] for r in runs]) for f in FRACTIONS},
             "curve": {str(s): _stats([r["curve"][s] for r in runs]) for s in marks},
             "wall_s": _stats([r["wall_s"] for r in runs]),
@@ -159,6 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(f"wrote {args.out}/results.json, results.md, compare.png ({total_s:.0f} s)")
     return results
+
+
+def _lrs(args: argparse.Namespace, method: str) -> list[float]:
+    """The lr grid of ``method``: ScheduleFree+'s lr is a multiplier of its own step size."""
+    return args.plus_lrs if method == "sf_plus" else args.lrs
 
 
 def _fmt(s: dict) -> str:
@@ -181,10 +192,12 @@ def report(results: dict, args: argparse.Namespace) -> str:
         if "at_y" in r:
             lines.append(f"| {METHODS[m]}, evaluated at y (train weights) | {r['lr']:g} | "
                          + " | ".join(_fmt(r["at_y"][s]) for s in fr) + " | |")
-    lines += ["", "Final validation loss over the lr grid (mean ± std over seeds):", "",
-              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |", "|---|" + "---|" * len(args.lrs)]
+    width = max(len(_lrs(args, m)) for m in results["methods"])
+    lines += ["", "Final validation loss over the lr grid (mean ± std over seeds; ScheduleFree+ on --plus-lrs):", "",
+              "| method | " + " | ".join(f"grid lr {i + 1}" for i in range(width)) + " |", "|---|" + "---|" * width]
     for m, r in results["methods"].items():
-        lines.append(f"| {METHODS[m]} | " + " | ".join(f"{r['grid_final'][str(lr)]['mean']:.4f} ± {r['grid_final'][str(lr)]['std']:.4f}" for lr in args.lrs) + " |")
+        lines.append(f"| {METHODS[m]} | " + " | ".join(f"lr {lr:g}: {r['grid_final'][str(lr)]['mean']:.4f} ± "
+                                                       f"{r['grid_final'][str(lr)]['std']:.4f}" for lr in _lrs(args, m)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,9 +15,12 @@ from .frameworks import bind
 from .optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
 from .weights import eval_state_dict, eval_weights, register_eval_state_dict_hook, save_eval_weights
 from .backends.zero import ZeroScheduleFree
+from .plus import AdamCScheduleFreePlus
+from .wrapper import ScheduleFreeWrapper, register_elementwise
 
 __all__ = [
     "AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree", "ScheduleFreeOptimizer", "ZeroScheduleFree",
+    "ScheduleFreeWrapper", "register_elementwise", "AdamCScheduleFreePlus",
     "eval_weights", "eval_state_dict", "save_eval_weights", "register_eval_state_dict_hook",
     "recalibrate_bn", "bind", "checkpoint", "deepspeed", "integrations",
 ]

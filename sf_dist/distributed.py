@@ -10,7 +10,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["multi_rank", "rank", "comm_device", "agreed_train_mode", "rank0_io", "every_rank_io"]
+try:
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # torch builds without distributed
+    DTensor, Replicate = (), ()  # type: ignore[assignment,misc]
+
+__all__ = ["multi_rank", "rank", "comm_device", "agreed_train_mode", "rank0_io", "every_rank_io", "is_shard",
+           "replicas"]
 
 
 def multi_rank(group: Optional[dist.ProcessGroup] = None) -> bool:
@@ -86,3 +92,29 @@ def _agreed(action: Callable[[], Any], what: str, here: bool) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def is_shard(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds part of a larger tensor: a DTensor sharded on some mesh dim, an FSDP1
+    FlatParameter, or an original param FSDP1 flattened into one (use_orig_params; torch marks it
+    ``_fsdp_flattened``; under NO_SHARD those are whole copies, yet this says True)."""
+    if isinstance(p, DTensor):
+        return any(not isinstance(pl, Replicate) for pl in p.placements)
+    return bool(getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
+
+
+def replicas(p: torch.Tensor, group: Optional[dist.ProcessGroup] = None, shards: Optional[bool] = None) -> int:
+    """How many ranks of ``group`` hold the same values as this rank's part of ``p``: a global sum
+    over ``group`` of per-rank partial sums divided by this counts every element once.
+
+    DTensors: the mesh dims ``p`` is replicated on. Other tensors: 1 if they are shards (``shards``,
+    or detected as in :func:`is_shard`), else every rank of ``group`` (DDP replicas, one process)."""
+    if isinstance(p, DTensor):
+        n = 1
+        for dim, placement in enumerate(p.placements):
+            if isinstance(placement, Replicate):
+                n *= p.device_mesh.size(dim)
+        return n
+    if shards if shards is not None else is_shard(p):
+        return 1
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1

@@ -7,6 +7,7 @@ or FSDP1 flat-parameter views, including empty shards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor
 
 from . import guard, kernels
+from .distributed import rank
+from .kernels.rounding import STATE_DTYPES, stochastic_round_
 from .schedule import DECAY_AT, StepScalars, advance_average, radam_rectification, warmup_factor
 
 try:
@@ -48,6 +51,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     """Shared machinery: lazy state, mode swaps, kernel dispatch. Subclasses define the schedule."""
 
     moment_keys: tuple[str, ...] = ()
+    counters: tuple[str, ...] = COUNTERS  # group entries a step writes (ZeRO mirrors them, checkpoints keep them)
+    takes_loss = False  # whether step() takes loss= (ScheduleFree+)
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], nonfinite: str = "skip") -> None:
         if nonfinite not in guard.NONFINITE:
@@ -57,6 +62,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         self._skipped_device: Optional[Tensor] = None  # ... and on the sync-free path, counted on the device
         self.process_group: Optional[Any] = None  # ranks that agree on mode and finiteness (None: all)
         self.swap_hooks: list[Callable[[], None]] = []  # run before a y <-> x swap (sf_dist.bind)
+        self.params_are_shards: Optional[bool] = None  # each rank holds distinct slices (None: detect)
         _validate(defaults)
         if defaults["foreach"] and defaults["fused"]:
             raise ValueError("foreach=True and fused=True are exclusive: pick one kernel path")
@@ -83,6 +89,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group.setdefault("decay_at", "y")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
+            if group["state_dtype"] is not None:  # torch's load_state_dict cast the state to the params' dtype
+                for p in group["params"]:
+                    for key, t in self.state.get(p, {}).items():
+                        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != group["state_dtype"]:
+                            self.state[p][key] = t.to(group["state_dtype"])
 
     @property
     def skipped_steps(self) -> int:
@@ -106,6 +118,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def scalars(self, group: dict[str, Any]) -> StepScalars:
         """Advance the group's schedule by one step and return the kernel's scalars."""
         raise NotImplementedError
+
+    def state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The moment buffers a param of ``group`` keeps beside z: ``moment_keys`` unless a
+        subclass's option adds one (AdamW's ``exp_avg`` when inner_momentum > 0)."""
+        return self.moment_keys
 
     # ---- mode ------------------------------------------------------------------------------
     @property
@@ -146,15 +163,24 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:
             for p in group["params"]:
-                self._state_for(p)
+                self._state_for(p, group)
 
-    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
+    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self.state[p]
+        dtype = group.get("state_dtype") or p.dtype
         if "z" not in state:
-            state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            for key in self.moment_keys:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["z"] = p.detach().clone(memory_format=torch.preserve_format).to(dtype)
+        for key in self.state_keys(group):  # a moment switched on mid-run starts at zero
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    def _rounding_generator(self, device: torch.device) -> torch.Generator:
+        """This optimizer's own random stream for stochastic rounding (the global one is left alone)."""
+        gens = self.__dict__.setdefault("_rounding_generators", {})
+        if device not in gens:
+            gens[device] = torch.Generator(device=device).manual_seed(0x5F5F + rank())
+        return gens[device]
 
     # ---- step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,24 +221,42 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             return loss
         cpu_default = "single" if lacks_kernel else "fused"
         for group, params in zip(self.param_groups, active):
-            ys, grads, zs, moments = self._step_lists(params)
-            s = self.scalars(group)
-            if ys:
-                kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys, cpu_default))
+            self._step_group(group, params, cpu_default)
             group["k"] += 1
         return loss
 
-    def _step_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], Optional[list[Tensor]]]:
-        """Local (y, grad, z, second moment or None) lists of the params being stepped; creates state."""
-        ys, grads, zs, moments = [], [], [], []
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], cpu_default: str = "fused",
+                    ok: Optional[Tensor] = None) -> None:
+        """Step ``params`` of ``group`` (creating their state) and advance the group's average.
+
+        State kept narrower than the params (``state_dtype``) is stepped on widened copies, then
+        rounded back stochastically; ``ok`` is the sync-free path's device flag."""
+        keys = self.state_keys(group)
+        ys, grads, zs, moments = [], [], [], {key: [] for key in keys}
         for p in params:
-            state = self._state_for(p)
+            state = self._state_for(p, group)
             ys.append(local(p))
             grads.append(local(p.grad))
             zs.append(local(state["z"]))
-            if self.moment_keys:
-                moments.append(local(state[self.moment_keys[0]]))
-        return ys, grads, zs, moments if self.moment_keys else None
+            for key in keys:
+                moments[key].append(local(state[key]))
+        s = self.scalars(group)  # also records this step's weight_sum, lr_max and scheduled_lr
+        if not ys:
+            return
+        narrow = [i for i, y in enumerate(ys) if zs[i].dtype != y.dtype]  # state_dtype=torch.bfloat16
+        stored = [zs, *moments.values()]
+        if narrow:
+            wide = [list(ts) for ts in stored]
+            for ts in wide:
+                for i in narrow:
+                    ts[i] = ts[i].to(ys[i].dtype)
+            zs, moments = wide[0], dict(zip(moments, wide[1:]))
+        kernels.step_(ys, grads, zs, moments.get("exp_avg_sq"), s, impl=_pick_impl(group, ys, cpu_default), ok=ok,
+                      exp_avgs=moments.get("exp_avg"))
+        if narrow:  # a skipped sync-free step rounds back the unchanged widened values: exact
+            gen = self._rounding_generator(ys[narrow[0]].device)
+            for ts, ws in zip(stored, wide):
+                stochastic_round_([ts[i] for i in narrow], [ws[i] for i in narrow], gen)
 
     def _sync_free_device(self, active: list[list[Tensor]]) -> Optional[torch.device]:
         """The accelerator to step on without host syncs (nonfinite="skip", grads off the CPU), else None."""
@@ -233,10 +277,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 if not isinstance(group[key], Tensor) or group[key].device != device:
                     group[key] = torch.full((), float(group[key]), dtype=torch.float64, device=device)
             kept = {key: group[key] for key in ("weight_sum", "lr_max", "scheduled_lr")}
-            ys, grads, zs, moments = self._step_lists(params)
-            s = self.scalars(group)  # puts this step's weight_sum, lr_max, scheduled_lr in the group
-            if ys:
-                kernels.step_(ys, grads, zs, moments, s, impl=_pick_impl(group, ys), ok=ok)
+            self._step_group(group, params, ok=ok)
             for key, counter in kept.items():  # in place: a captured CUDA graph keeps its addresses
                 group[key] = counter.copy_(torch.where(ok, group[key], counter))
             group["k"].add_(ok)
@@ -286,6 +327,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 class AdamWScheduleFree(ScheduleFreeOptimizer):
     """Schedule-Free AdamW (memory-efficient form), numerically equal to schedulefree 1.4.1.
 
+    ``inner_momentum`` mu > 0 (the reference's newest option; 0.9 is its suggestion) replaces the
+    gradient in Adam's numerator by its bias-corrected EMA, kept as state ``exp_avg``.
+    ``state_dtype=torch.bfloat16`` stores z and the moments in bf16 with stochastic rounding
+    (4 bytes of state per param instead of 8 for fp32); the step itself runs in the params' dtype.
+
     >>> opt = AdamWScheduleFree(model.parameters(), lr=2.5e-3, warmup_steps=100)
     >>> opt.train()   # before training steps;  opt.eval() before evaluating or saving
     """
@@ -295,13 +341,27 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
     def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, decay_at: str = "y", foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, nonfinite: str = "skip") -> None:
+                 fused: Optional[bool] = None, nonfinite: str = "skip", inner_momentum: float = 0.0,
+                 state_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                      decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
+                                      decay_at=decay_at, foreach=foreach, fused=fused,
+                                      inner_momentum=inner_momentum, state_dtype=state_dtype), nonfinite)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # schedulefree 1.4.1 and our older state dicts lack it
+            group.setdefault("inner_momentum", 0.0)
+
+    def state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg_sq", "exp_avg") if group["inner_momentum"] > 0 else ("exp_avg_sq",)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
-        return _adam_scalars(group, group["lr"] * warmup_factor(group["k"], group["warmup_steps"]), True)
+        s = _adam_scalars(group, group["lr"] * warmup_factor(group["k"], group["warmup_steps"]), True)
+        mu = group["inner_momentum"]
+        if mu == 0:
+            return s
+        return dataclasses.replace(s, inner_momentum=mu, bias_correction1=1 - mu ** (group["k"] + 1))
 
 
 class RAdamScheduleFree(ScheduleFreeOptimizer):
@@ -315,10 +375,12 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
     def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, r: float = 0.0, weight_lr_power: float = 2.0,
                  silent_sgd_phase: bool = True, decay_at: str = "y", foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, nonfinite: str = "skip") -> None:
+                 fused: Optional[bool] = None, nonfinite: str = "skip", state_dtype: Optional[torch.dtype] = None
+                 ) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
                                       weight_lr_power=weight_lr_power, silent_sgd_phase=silent_sgd_phase,
-                                      decay_at=decay_at, foreach=foreach, fused=fused), nonfinite)
+                                      decay_at=decay_at, foreach=foreach, fused=fused, state_dtype=state_dtype),
+                         nonfinite)
 
     def scalars(self, group: dict[str, Any]) -> StepScalars:
         rect, adam_phase = radam_rectification(group["k"], group["betas"][1], group["silent_sgd_phase"])
@@ -389,6 +451,11 @@ def _validate(group: dict[str, Any], where: str = "") -> None:
         steps = group["warmup_steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"Invalid warmup_steps: {steps!r}{at} (must be an integer >= 0)")
+    if group.get("state_dtype") not in (None, *STATE_DTYPES):
+        raise ValueError(f"Invalid state_dtype: {group['state_dtype']}{at} (None keeps the params' dtype; "
+                         f"supported: {STATE_DTYPES}, stored with stochastic rounding)")
+    if "inner_momentum" in group:
+        number("inner_momentum", group["inner_momentum"], 0.0, 1.0, high_open=True, why="; 0 turns it off")
     if group["decay_at"] not in DECAY_AT:
         raise ValueError(f"Invalid decay_at: {group['decay_at']!r}{at} (expected one of {DECAY_AT})")
 

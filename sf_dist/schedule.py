@@ -8,6 +8,7 @@ compute the scalars there without reading anything back to the host.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -32,6 +33,8 @@ class StepScalars:
     bias_correction2: Scalar = 1.0
     eps: float = 0.0
     normalize: Union[bool, Tensor] = False  # divide by sqrt(v/bc2)+eps (Adam) or take the raw gradient
+    inner_momentum: float = 0.0  # m = mu*m + (1-mu)*g replaces g in the numerator (AdamW's option)
+    bias_correction1: Scalar = 1.0  # 1 - mu**(k+1) when inner_momentum > 0
 
     @property
     def one_minus_beta2(self) -> float:
@@ -42,6 +45,16 @@ class StepScalars:
     def inv_bias_correction2(self) -> Scalar:
         """1 / (1 - beta2**(k+1)) in float64, so kernels multiply by a value rounded once."""
         return 1.0 / self.bias_correction2
+
+    @property
+    def one_minus_inner_momentum(self) -> float:
+        """1 - mu in float64, for the same reason as one_minus_beta2."""
+        return 1.0 - self.inner_momentum
+
+    @property
+    def inv_bias_correction1(self) -> Scalar:
+        """1 / (1 - mu**(k+1)) in float64 (1.0 without inner momentum)."""
+        return 1.0 / self.bias_correction1
 
     @property
     def shrink(self) -> Scalar:
@@ -85,3 +98,12 @@ def advance_average(group: dict[str, Any], lr: Scalar) -> Scalar:
     if isinstance(weight_sum, Tensor):
         return torch.where(weight_sum != 0, weight / weight_sum, 0.0)
     return weight / weight_sum if weight_sum != 0 else 0.0
+
+
+def annealed_sf_beta1(k: int, start: float, end: float, steps: int) -> float:
+    """ScheduleFree+'s interpolation b at 0-based step ``k``: 1-b moves geometrically from 1-start
+    to 1-end over ``steps`` (0: no annealing), so the averaging window grows smoothly."""
+    if steps <= 0:
+        return start
+    t = min(k / steps, 1.0)
+    return 1 - math.exp(math.log(1 - start) * (1 - t) + math.log(1 - end) * t)

@@ -68,23 +68,25 @@ def _candidates(model: nn.Module) -> dict[str, Callable[[], tuple[nn.Module, Any
         return ddp, opt, lambda: {"state": sum(_tensor_bytes(s) for s in opt.optim.state.values()), "master": 0,
                                   "grads": grads()}
 
-    def zero_sf(stage: int, overlap: bool):
+    def zero_sf(stage: int, overlap: bool, **optimizer_kwargs: Any):
         def build():
             net = copy.deepcopy(model)
             opt = ZeroScheduleFree(net.parameters(), sf_dist.AdamWScheduleFree, stage=stage, overlap=overlap,
-                                   lr=1e-3)
+                                   lr=1e-3, **optimizer_kwargs)
             opt.train()
 
             def memory():
                 held = opt.held_numel()
                 size = next(net.parameters()).element_size()
-                return {"state": held["state"] * size, "master": held["master"] * 4, "grads": held["grad"] * size}
+                state = sum(_tensor_bytes(s) for s in opt.inner.state.values())  # its own dtype (bf16 state)
+                return {"state": state, "master": held["master"] * 4, "grads": held["grad"] * size}
             return net, opt, memory
         return build
 
     return {ANCHOR: ddp_adamw, "ZeroRedundancyOptimizer(AdamW)": zero_ro,
             "ZeroScheduleFree stage 1": zero_sf(1, True), "ZeroScheduleFree stage 2": zero_sf(2, True),
-            "ZeroScheduleFree stage 2, overlap=False": zero_sf(2, False)}
+            "ZeroScheduleFree stage 2, overlap=False": zero_sf(2, False),
+            "ZeroScheduleFree stage 2, bf16 state": zero_sf(2, True, state_dtype=torch.bfloat16)}
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:

@@ -34,6 +34,7 @@ from ..frameworks import unwrap_optimizer
 from ..optim import COUNTERS
 from ..safetensors_stream import atomic_write, fsync_dir
 from ..weights import own_state_dict_calls
+from ..wrapper import ScheduleFreeWrapper
 from .manifest import (FORMAT, MANIFEST, crc32_file, decode, dumps, encode, extra_name, read_manifest,
                        verify_file)
 from .offline import x_recipe
@@ -54,8 +55,8 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, extra: Any =
 
     >>> sf_dist.checkpoint.save("ckpt/step_1000", model, opt, extra={"step": 1000})
     """
-    path = _checked_path(path, model)
     optimizer = unwrap_optimizer(optimizer)
+    path = _checked_path(path, model, optimizer)
     agreed_train_mode(optimizer)
     encoded = every_rank_io(lambda: dumps(encode(extra)), "store extra (JSON data and tensors only)")
     tmp = path + ".tmp"
@@ -86,14 +87,15 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
 
     >>> extra = sf_dist.checkpoint.load("ckpt/step_1000", model, opt)
     """
-    path = _checked_path(path, model)
     optimizer = unwrap_optimizer(optimizer)
+    path = _checked_path(path, model, optimizer)
     path, manifest = _resolve(path)
     _check_optimizer(path, manifest, optimizer)
     metadata = read_metadata(path)
     state = _state(model, optimizer)
     _check_model(path, metadata, state["model"])
-    chosen = [_hyperparameters(g) for g in optimizer.param_groups]
+    counters = getattr(getattr(optimizer, "inner", optimizer), "counters", COUNTERS)
+    chosen = [_hyperparameters(g, counters) for g in optimizer.param_groups]
     try:
         dcp.load(state, storage_reader=SafeReader(path, manifest["files"]), planner=SafePlanner(path))
     except CheckpointException as e:
@@ -152,7 +154,12 @@ def verify(path: str | os.PathLike) -> None:
 
 
 # ---- saving ------------------------------------------------------------------------------------
-def _checked_path(path: str | os.PathLike, model: Any) -> str:
+def _checked_path(path: str | os.PathLike, model: Any, optimizer: Any) -> str:
+    if isinstance(optimizer, ScheduleFreeWrapper) or isinstance(getattr(optimizer, "inner", None),
+                                                                 ScheduleFreeWrapper):
+        raise TypeError("sf_dist.checkpoint does not take a ScheduleFreeWrapper yet: its base optimizer creates "
+                        "its state lazily, so a DCP load could not know the base's keys and would drop them. "
+                        "Save wrapper.state_dict() (and the model) with torch.save on each rank instead")
     if is_deepspeed(model):
         raise TypeError("sf_dist.checkpoint does not handle DeepSpeed engines: use engine.save_checkpoint() / "
                         "engine.load_checkpoint() (see docs/deepspeed.md)")
@@ -314,8 +321,8 @@ def _check_model(path: str, metadata: Any, model_sd: dict[str, Any]) -> None:
                     path, len(cast), ", ".join(cast))
 
 
-def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k != "params" and k not in COUNTERS}
+def _hyperparameters(group: dict[str, Any], counters: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params" and k not in counters}
 
 
 def _keep_chosen_hyperparameters(path: str, optimizer: Any, chosen: list[dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ...optim import AdamWScheduleFree, RAdamScheduleFree, ScheduleFreeOptimizer, SGDScheduleFree
+from ...plus import AdamCScheduleFreePlus
 from .register import deepspeed_initialize, register
 from .skip import step_with_one_decision
 from .universal import load_stage12, load_stage3
@@ -31,7 +32,8 @@ from .universal import load_stage12, load_stage3
 __all__ = ["initialize", "register", "attach", "engine_state_dict", "engine_weights", "engine_weight_specs",
            "is_deepspeed", "OPTIMIZERS"]
 
-OPTIMIZERS = {cls.__name__.lower(): cls for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree)}
+OPTIMIZERS = {cls.__name__.lower(): cls
+              for cls in (AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree, AdamCScheduleFreePlus)}
 
 SCHEDULER_REFUSAL = (
     "{what} next to the Schedule-Free optimizer {opt}. Schedule-Free needs no lr schedule: its "
@@ -279,6 +281,10 @@ class _EngineScheduleFree:
         from a checkpoint saved in eval mode does (HF ScheduleFreeCallback calls it after each save)."""
         self.__dict__.pop("_sf_y", None)
 
+    def set_loss(self, loss: Any) -> None:
+        """ScheduleFree+: the loss for the next engine.step() (call it after engine.backward(loss))."""
+        self.optimizer.set_loss(loss)
+
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.__dict__.pop("_sf_y", None)
         self.__dict__.pop("_sf_all_linked", None)  # the load re-creates DeepSpeed's per-param views: link again
@@ -415,6 +421,12 @@ def attach(engine_optimizer: Any) -> Any:
     else:
         raise TypeError(f"unsupported DeepSpeed optimizer wrapper {type(engine_optimizer).__name__}: "
                         "Schedule-Free train()/eval() know ZeRO-0/1/2/3 and DeepSpeed's BF16 optimizer")
+    if base.takes_loss:
+        if mixin is not _ZeRO12 or len(base.param_groups) != 1:
+            raise TypeError(f"{type(base).__name__} under DeepSpeed needs ZeRO-1/2 and one param group: DeepSpeed "
+                            "steps the base optimizer once per group (or ZeRO-3 sub-group), and ScheduleFree+'s "
+                            "step size is one global reduction over every param; use one group, or ZeroScheduleFree")
+        base.params_are_shards = True  # each rank steps its own flat partition
     cls = type(engine_optimizer)
     if cls not in _MIXED:
         _MIXED[cls] = type(f"ScheduleFree{cls.__name__}", (mixin, cls), {})

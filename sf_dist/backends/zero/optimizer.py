@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...distributed import comm_device
-from ...optim import COUNTERS, AdamWScheduleFree, ScheduleFreeOptimizer
+from ...optim import AdamWScheduleFree, ScheduleFreeOptimizer
 from . import state as zstate
 from .buckets import Bucket, plan
 
@@ -61,6 +61,7 @@ class ZeroScheduleFree(torch.optim.Optimizer):
                                  "params": [piece for b in bs for _, piece in b.pieces]})
         self.inner = optimizer_class(inner_groups, **optimizer_defaults)
         self.inner.process_group = self.process_group  # ranks agree on mode and finite gradients
+        self.inner.params_are_shards = True  # each rank holds its own slices (global sums over ranks)
         super().__init__(groups, self.inner.defaults)
         self.pull_counters()
         self._where = {p: (b, i) for bs in self.buckets for b in bs for i, p in enumerate(b.params)}
@@ -214,13 +215,16 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         return total
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Optional[Callable[[], float]] = None, *, loss: Any = None) -> Optional[float]:
         """Average the gradients, step this rank's shard, all-gather the new y into the params.
 
         Raises in eval mode; skips on every rank if any rank's gradient shard holds a NaN/Inf
-        (the core's ``nonfinite="skip"``, agreed in one small all-reduce).
+        (the core's ``nonfinite="skip"``, agreed in one small all-reduce). ``loss`` (or the
+        closure's) reaches an inner optimizer that takes one (AdamCScheduleFreePlus).
         """
-        loss = None
+        if loss is not None and not self.inner.takes_loss:
+            raise TypeError(f"step(loss=...) is for optimizers that use the loss; {type(self.inner).__name__} "
+                            "does not: call step() without it")
         if closure is not None and self.train_mode:
             with torch.enable_grad():
                 loss = closure()
@@ -229,7 +233,8 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         self._push_hyperparameters()
         for b in self.all_buckets():
             b.attach_grads()
-        self.inner.step()  # the agreement on mode and finiteness happens in here
+        # the agreement on mode and finiteness happens in here
+        self.inner.step(loss=loss) if self.inner.takes_loss and loss is not None else self.inner.step()
         self._synced = False  # the next step syncs on every rank, even one that gets no gradient
         self.pull_counters()
         self.publish()
@@ -304,12 +309,12 @@ class ZeroScheduleFree(torch.optim.Optimizer):
 
     def _push_hyperparameters(self) -> None:
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update({k: v for k, v in outer.items() if k != "params" and k not in COUNTERS})
+            inner.update({k: v for k, v in outer.items() if k != "params" and k not in self.inner.counters})
 
     def pull_counters(self) -> None:
         """Copy the inner optimizer's step counters into our param_groups (what users and checkpoints read)."""
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            outer.update({k: inner[k] for k in COUNTERS})
+            outer.update({k: inner[k] for k in self.inner.counters})
 
     @torch.no_grad()
     def _broadcast_from_rank0(self) -> None:

@@ -19,8 +19,9 @@ from .buckets import Bucket
 # ``opt`` below is a ZeroScheduleFree (not imported: optimizer.py imports this module).
 
 
-def _keys(opt: Any) -> list[str]:
-    return ["z", *opt.inner.moment_keys]
+def _keys(opt: Any, g: int) -> list[str]:
+    """The state keys of param group ``g``'s pieces: z and that group's moments."""
+    return ["z", *opt.inner.state_keys(opt.inner.param_groups[g])]
 
 
 def _set_groups(opt: Any, groups: list[dict[str, Any]]) -> None:
@@ -92,7 +93,7 @@ def _load_full(opt: Any, sd: dict[str, Any]) -> None:
         raise ValueError(f"the state dict has {len(index)} params, this optimizer "
                          f"{sum(len(g['params']) for g in opt.param_groups)}")
     n = 0
-    for bs in opt.buckets:
+    for g, bs in enumerate(opt.buckets):
         for b in bs:
             for i, piece in b.pieces:
                 saved = sd["state"].get(index[n + i])
@@ -100,8 +101,9 @@ def _load_full(opt: Any, sd: dict[str, Any]) -> None:
                     opt.inner.state.pop(piece, None)
                     continue
                 start = max(b.offsets[i], b.lo) - b.offsets[i]
+                dtype = opt.inner.param_groups[g].get("state_dtype") or piece.dtype
                 opt.inner.state[piece] = {k: saved[k].reshape(-1)[start:start + piece.numel()]
-                                          .to(piece.device, piece.dtype, copy=True) for k in _keys(opt)}
+                                          .to(piece.device, dtype, copy=True) for k in _keys(opt, g)}
             if b.separate_master:
                 b.master.copy_(b.flat[b.lo:b.hi])
             n += len(b.params)
@@ -117,9 +119,9 @@ def consolidated_state_dict(opt: Any, to: int = 0) -> dict[str, Any]:
     me = dist.get_rank(pg)
     state: dict[int, dict[str, Tensor]] = {}
     n = 0
-    for bs in opt.buckets:
+    for g, bs in enumerate(opt.buckets):
         for b in bs:
-            for key in _keys(opt):
+            for key in _keys(opt, g):
                 mine = b.master.new_zeros(b.shard)
                 mine[:b.hi - b.lo] = _shard_of(opt, b, key)
                 parts = [torch.empty_like(mine) for _ in range(b.world)] if me == to else None
@@ -165,7 +167,7 @@ def sharded_state_dict(opt: Any) -> dict[str, Any]:
     buckets = {}
     for g, bs in enumerate(opt.buckets):
         for j, b in enumerate(bs):
-            entry = {key: _dtensor(opt, b, _shard_of(opt, b, key)) for key in _keys(opt)}
+            entry = {key: _dtensor(opt, b, _shard_of(opt, b, key)) for key in _keys(opt, g)}
             if b.separate_master:
                 entry["master"] = _dtensor(opt, b, b.master)
             buckets[f"group{g}_bucket{j}"] = entry
@@ -180,7 +182,7 @@ def load_sharded_state_dict(opt: Any, state: dict[str, Any]) -> None:
     for g, bs in enumerate(opt.buckets):
         for j, b in enumerate(bs):
             entry = state["buckets"][f"group{g}_bucket{j}"]
-            for key in _keys(opt):
+            for key in _keys(opt, g):
                 _fill_pieces(opt, b, key, entry[key].to_local())
             if b.separate_master:
                 b.master.copy_(entry["master"].to_local())

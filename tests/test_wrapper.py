@@ -1,0 +1,311 @@
+"""ScheduleFreeWrapper against schedulefree 1.4.1's ScheduleFreeWrapper and ScheduleFreeWrapperReference
+(1.4.1's wrapper files are the same as the reference repository's newest), in float64.
+
+1.4.1 keeps z in the base's state, where torch's Adam/AdamW/RMSprop then raise KeyError; its oracle
+runs here with the base state filled in advance, as the reference's own test avoids stateful bases.
+Sharded runs (FSDP2 W=2,3 uneven, FSDP1, DDP, ZeroScheduleFree) equal one process on the full batch.
+"""
+
+import pytest
+import schedulefree
+import torch
+from torch import nn
+
+import mlp_case
+from dist import run_distributed
+
+import sf_dist
+from sf_dist.weights import eval_state_dict
+
+RTOL, ATOL = 1e-5, 1e-6
+SHAPES = [(7, 3), (5,), (4, 2, 3), (1,), (0, 3)]
+STEPS = 20
+BASES = {
+    "adam": (torch.optim.Adam, dict(lr=0.01)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    "rmsprop": (torch.optim.RMSprop, dict(lr=0.005)),
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.5)),
+    "adagrad": (torch.optim.Adagrad, dict(lr=0.05)),
+}
+
+
+def _prefill(base):
+    """The state torch's Adam, AdamW and RMSprop create lazily, created in advance: 1.4.1's wrapper
+    puts z into the base's state first, so the base would skip its own setup and raise KeyError."""
+    keys = {torch.optim.Adam: ("exp_avg", "exp_avg_sq"), torch.optim.AdamW: ("exp_avg", "exp_avg_sq"),
+            torch.optim.RMSprop: ("square_avg",)}.get(type(base), ())
+    for group in base.param_groups:
+        for p in group["params"]:
+            if keys:
+                base.state[p].update({"step": torch.tensor(0.0)}, **{k: torch.zeros_like(p) for k in keys})
+    return base
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+
+
+def _run(optimizers, tensors, steps, start=0, skip_some=True, after_step=None):
+    """Same gradients for all; with ``skip_some`` tensor 0 gets none every third step."""
+    for k in range(start, start + steps):
+        gen = torch.Generator().manual_seed(1000 + k)
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in tensors[0]]
+        for opt, ps in zip(optimizers, tensors):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                p.grad = None if (skip_some and i == 0 and k % 3 == 2) else g.clone()
+            opt.step()
+        if after_step is not None:
+            after_step()
+
+
+def _close(a, b, what):
+    for i, (x, y) in enumerate(zip(a, b)):
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, tensor {i}: {m}")
+
+
+def _pair(name, wd, momentum, ref_class, seed=0):
+    cls, kw = BASES[name]
+    init = _params(seed)
+    ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
+    ours = sf_dist.ScheduleFreeWrapper(cls(ps[0], **kw), weight_decay_at_y=wd, momentum=momentum, r=0.5)
+    theirs = ref_class(_prefill(cls(ps[1], **kw)), momentum=momentum, weight_decay_at_y=wd, r=0.5)
+    return ps, ours, theirs
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_matches_schedulefree_wrapper(name):
+    """Train y, eval x, y after eval->train and 5 more steps, against both 1.4.1 wrapper classes
+    (ScheduleFreeWrapperReference moves params without a gradient too: every param gets one there)."""
+    for ref_class in (schedulefree.ScheduleFreeWrapper, schedulefree.ScheduleFreeWrapperReference):
+        skip_some = ref_class is schedulefree.ScheduleFreeWrapper
+        for wd, momentum in ((0.0, 0.9), (0.1, 0.8)):
+            ps, ours, theirs = _pair(name, wd, momentum, ref_class)
+            ours.train(), theirs.train()
+            what = f"{name} wd={wd} m={momentum} vs {ref_class.__name__}"
+            _run([ours, theirs], ps, STEPS, skip_some=skip_some)
+            _close(ps[0], ps[1], f"train y, {what}")
+            ours.eval(), theirs.eval()
+            _close(ps[0], ps[1], f"eval x, {what}")
+            ours.train(), theirs.train()
+            _close(ps[0], ps[1], f"y after eval->train, {what}")
+            _run([ours, theirs], ps, 5, start=STEPS, skip_some=skip_some)
+            _close(ps[0], ps[1], f"y after 5 more steps, {what}")
+            assert all(set(ours.state[p]) == {"z"} for p in ps[0]), what  # one extra buffer per param
+            assert all("z" not in ours.base.state[p] for p in ps[0]), what
+            assert ours.param_groups[0]["k"] == STEPS + 5
+
+
+def test_equals_sgd_schedulefree():
+    """Around SGD without momentum it is SGDScheduleFree (decay at y): the reference suite's own check."""
+    init = _params(1)
+    ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
+    ours = sf_dist.ScheduleFreeWrapper(torch.optim.SGD(ps[0], lr=0.3), weight_decay_at_y=0.1, momentum=0.9)
+    builtin = sf_dist.SGDScheduleFree(ps[1], lr=0.3, weight_decay=0.1, momentum=0.9, foreach=False)
+    ours.train(), builtin.train()
+    _run([ours, builtin], ps, STEPS)
+    _close(ps[0], ps[1], "train y")
+    ours.eval(), builtin.eval()
+    _close(ps[0], ps[1], "eval x")
+
+
+def test_lr_scheduler_on_the_base_is_honoured():
+    """A LambdaLR warmup attached to the base: the same trajectory as 1.4.1's wrapper under it, and
+    not the trajectory without it (so the scheduled lr really reached the step)."""
+    runs = []
+    for scheduled in (True, False):
+        ps, ours, theirs = _pair("adam", 0.05, 0.9, schedulefree.ScheduleFreeWrapper, seed=2)
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o.base, lambda k: min(1.0, (k + 1) / 5)) for o in (ours, theirs)]
+        ours.train(), theirs.train()
+        _run([ours, theirs], ps, STEPS, after_step=(lambda: [s.step() for s in scheds]) if scheduled else None)
+        _close(ps[0], ps[1], f"scheduled={scheduled}")
+        runs.append([p.detach().clone() for p in ps[0]])
+        if scheduled:
+            assert ours.param_groups[0]["scheduled_lr"] == pytest.approx(0.01)
+    assert not torch.allclose(runs[0][0], runs[1][0], rtol=RTOL, atol=ATOL)
+
+
+def test_state_dict_round_trip():
+    """Saved in eval mode at step 12, loaded into a fresh wrapper around a fresh base, 8 more steps:
+    equal to the uninterrupted 1.4.1 run; the base's own state travels under "base"."""
+    ps, ours, theirs = _pair("adamw", 0.1, 0.9, schedulefree.ScheduleFreeWrapper, seed=3)
+    ours.train(), theirs.train()
+    _run([ours, theirs], ps, 12)
+    ours.eval()
+    sd = ours.state_dict()
+    assert set(sd["base"]["state"][1]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(sd["state"][1]) == {"z"}
+    fresh = [p.detach().clone().requires_grad_() for p in ps[0]]
+    loaded = sf_dist.ScheduleFreeWrapper(torch.optim.AdamW(fresh, **BASES["adamw"][1]), weight_decay_at_y=0.1, r=0.5)
+    loaded.load_state_dict(sd)
+    assert loaded.param_groups[0]["k"] == 12 and not loaded.train_mode
+    theirs.eval()
+    _close(fresh, ps[1], "x after load")
+    loaded.train(), theirs.train()
+    _run([loaded, theirs], [fresh, ps[1]], 8, start=12)
+    _close(fresh, ps[1], "y 8 steps after load")
+    with pytest.raises(ValueError, match="no 'base' entry"):
+        loaded.load_state_dict(theirs.state_dict())
+
+
+def test_eval_api_serves_the_wrapper(tmp_path):
+    """eval_weights, eval_state_dict and save_eval_weights give x; y is untouched afterwards."""
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    ref = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    ref.load_state_dict(model.state_dict())
+    opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), lr=0.01), weight_decay_at_y=0.01)
+    ref_opt = schedulefree.ScheduleFreeWrapper(_prefill(torch.optim.Adam(ref.parameters(), lr=0.01)),
+                                               weight_decay_at_y=0.01)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.train()
+        for k in range(STEPS):
+            g = torch.Generator().manual_seed(k)
+            x, t = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), t).backward()
+            o.step()
+    ref_opt.eval()
+    x_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+    y = {k: v.clone() for k, v in model.state_dict().items()}
+    with sf_dist.eval_weights(model, opt):
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+    exported = eval_state_dict(model, opt)
+    sf_dist.save_eval_weights(model, opt, tmp_path / "x.safetensors")
+    saved = load_file(tmp_path / "x.safetensors")
+    for k in x_ref:
+        for what, got in (("eval_weights", inside), ("eval_state_dict", exported), ("save_eval_weights", saved)):
+            torch.testing.assert_close(got[k], x_ref[k], rtol=RTOL, atol=ATOL, msg=f"{what}: {k}")
+        assert torch.equal(model.state_dict()[k], y[k]), f"y changed: {k}"
+    assert opt.train_mode
+
+
+def test_bad_bases_are_refused():
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        sf_dist.ScheduleFreeWrapper(object())
+    with pytest.raises(TypeError, match="already Schedule-Free"):
+        sf_dist.ScheduleFreeWrapper(sf_dist.AdamWScheduleFree(p))
+    with pytest.raises(ValueError, match="momentum"):
+        sf_dist.ScheduleFreeWrapper(torch.optim.SGD(p, lr=0.1), momentum=1.0)
+    with pytest.raises(TypeError, match="sharded params"):  # told it is sharded: Adafactor is not elementwise
+        sf_dist.ScheduleFreeWrapper(torch.optim.Adafactor(p), sharded=True)
+
+
+# ---- sharded: one spawn per world size --------------------------------------------------------
+def _model():
+    torch.manual_seed(0)  # 17 rows: uneven shards at W=2 (9/8) and W=3 (6/6/5)
+    return nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 17), nn.Tanh(), nn.Linear(17, 3)).double()
+
+
+def _data():
+    return mlp_case.batches(7) + mlp_case.batches(8) + mlp_case.batches(9)[:4]  # 20 steps
+
+
+def _reference():
+    """(y, x) of 1.4.1's wrapper around a prefilled Adam, one process, full batches."""
+    model = _model()
+    opt = schedulefree.ScheduleFreeWrapper(_prefill(torch.optim.Adam(model.parameters(), lr=0.02)),
+                                           weight_decay_at_y=0.01, momentum=0.9)
+    mlp_case.run(model, opt, _data())
+    y = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.eval()
+    return y, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _fsdp2(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+
+
+def _check(got, want, what):
+    for k in want:
+        v = got[k].full_tensor() if hasattr(got[k], "full_tensor") else got[k]
+        torch.testing.assert_close(v, want[k], rtol=RTOL, atol=ATOL, msg=f"{what}: {k}")
+
+
+class _Elementwise(torch.optim.SGD):
+    """An optimizer the wrapper does not know: refused on shards until registered."""
+
+
+def _sharded_worker(rank, world):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    y_ref, x_ref = _reference()
+    adam = dict(lr=0.02)
+    cases = {
+        "FSDP2": lambda: _fsdp2(_model(), world),
+        "DDP": lambda: DDP(_model()),
+        "FSDP1": lambda: _fsdp1(_model()),
+    }
+    for name, build in cases.items():
+        model = build()
+        opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
+        mlp_case.run(model, opt, _data(), rank, world)
+        what = f"W={world} {name}"
+        if name == "FSDP1":
+            with FSDP.summon_full_params(model):
+                _check({k: v.clone() for k, v in model.module.state_dict().items()}, y_ref, f"{what} train y")
+        else:
+            sd = model.module.state_dict() if name == "DDP" else model.state_dict()
+            _check(sd, y_ref, f"{what} train y")
+        exported = eval_state_dict(model, opt)  # x, every backend, without changing y
+        if rank == 0:
+            _check({k.removeprefix("module."): v for k, v in exported.items()}, x_ref, f"{what} eval_state_dict x")
+        assert opt.train_mode, what
+    # ZeroScheduleFree: each rank's base steps its slices
+    model = _model()
+    Adam = sf_dist.ScheduleFreeWrapper.around(torch.optim.Adam, **adam)
+    opt = sf_dist.ZeroScheduleFree(model.parameters(), Adam, momentum=0.9, weight_decay=0.01)
+    mlp_case.run(model, opt, _data(), rank, world)
+    _check(model.state_dict(), y_ref, f"W={world} ZeroScheduleFree train y")
+    opt.eval()
+    _check(model.state_dict(), x_ref, f"W={world} ZeroScheduleFree eval x")
+    # refusals on shards: a base that is not elementwise (Adafactor), one that is unknown
+    refused = []
+    for name, build in (("FSDP2", lambda: _fsdp2(_model(), world)), ("FSDP1", lambda: _fsdp1(_model()))):
+        model = build()
+        for base in (torch.optim.Adafactor(model.parameters()), _Elementwise(model.parameters(), lr=0.1)):
+            try:
+                sf_dist.ScheduleFreeWrapper(base)
+            except TypeError as e:
+                assert type(base).__name__ in str(e) and "register_elementwise" in str(e), str(e)
+                refused.append((name, type(base).__name__))
+        sf_dist.register_elementwise(_Elementwise)
+        sf_dist.ScheduleFreeWrapper(_Elementwise(model.parameters(), lr=0.1))  # now taken
+        sf_dist.wrapper.ELEMENTWISE_BASES.discard(_Elementwise)
+    model = DDP(_model())  # replicated params: any base is fine
+    sf_dist.ScheduleFreeWrapper(torch.optim.Adafactor(model.parameters()))
+    return refused
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_one_process(world):
+    """FSDP2 (uneven shards), DDP, FSDP1 and ZeroScheduleFree around Adam equal 1.4.1's wrapper on
+    one process over 20 full batches (y, and x through the eval API); shards refuse Adafactor and
+    an unregistered optimizer, naming it and the fix."""
+    results = run_distributed(_sharded_worker, world)
+    want = [(b, o) for b in ("FSDP2", "FSDP1") for o in ("Adafactor", "_Elementwise")]
+    for rank, refused in enumerate(results):
+        assert refused == want, (rank, refused)
+
+
+def test_dcp_checkpoint_refuses_the_wrapper_with_the_reason(tmp_path):
+    """sf_dist.checkpoint would lose the base's lazily created state on load: refused, nothing written."""
+    import sf_dist.checkpoint
+    model = nn.Linear(4, 2).double()
+    opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), lr=0.01))
+    with pytest.raises(TypeError, match="torch.save"):
+        sf_dist.checkpoint.save(tmp_path / "ckpt", model, opt)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
