@@ -158,7 +158,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         if self.nonfinite == "error":
             raise RuntimeError(f"non-finite gradient or loss at step {self.param_groups[0]['k']} on some rank "
                                "(nonfinite='error'); nonfinite='skip' would skip the step")
-        self.skipped_steps += 1
+        self._skipped_host += 1
         return True
 
     def _update(self, group: dict[str, Any], params: list[Tensor], lr: Tensor, ckp1: Union[Tensor, float],

@@ -120,7 +120,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             with torch.enable_grad():
                 loss = closure()
         active = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        if self.nonfinite != "ignore" and self._skip(active):
+        if self.nonfinite != "ignore" and self._agree(active, lacks_kernel=False)[0]:  # the base steps: no CPU kernel
             return loss
         for group, base_group, params in zip(self.param_groups, self.base.param_groups, active):
             group["lr"] = lr = base_group["lr"]  # the base's lr, as its scheduler left it
