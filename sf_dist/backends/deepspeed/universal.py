@@ -29,10 +29,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
+
+from ...safetensors_stream import atomic_write
 
 __all__ = ["convert", "load_stage12", "load_stage3", "main"]
 
@@ -288,19 +289,9 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def _atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Create ``path``'s folder, then write it atomically (temporary, fsync, rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, write)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
