@@ -17,7 +17,27 @@ from .schedule import advance_average, annealed_sf_beta1, radam_rectification, w
 KINDS = ("adamw", "sgd", "radam")
 
 
-class ReferenceScheduleFree(torch.optim.Optimizer):
+class _ExplicitXYZ(torch.optim.Optimizer):
+    """An oracle that stores x, y and z in state: train()/eval() copy y or x into the params."""
+
+    @torch.no_grad()
+    def train(self) -> None:
+        self._load("y", True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        self._load("x", False)
+
+    def _load(self, key: str, train_mode: bool) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    p.copy_(state[key])
+            group["train_mode"] = train_mode
+
+
+class ReferenceScheduleFree(_ExplicitXYZ):
     """Explicit-x/y/z Schedule-Free; ``kind`` is "adamw", "sgd" or "radam".
 
     >>> opt = ReferenceScheduleFree(params, kind="adamw", lr=1e-3, weight_decay=0.1, decay_at="all")
@@ -35,22 +55,6 @@ class ReferenceScheduleFree(torch.optim.Optimizer):
                         k=0, train_mode=False,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def train(self) -> None:
-        self._load("y", True)
-
-    @torch.no_grad()
-    def eval(self) -> None:
-        self._load("x", False)
-
-    def _load(self, key: str, train_mode: bool) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state:
-                    p.copy_(state[key])
-            group["train_mode"] = train_mode
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None) -> None:
@@ -93,7 +97,7 @@ class ReferenceScheduleFree(torch.optim.Optimizer):
         return group["lr"] * warmup_factor(group["k"], group["warmup_steps"]), group["kind"] == "adamw"
 
 
-class ReferenceScheduleFreePlus(torch.optim.Optimizer):
+class ReferenceScheduleFreePlus(_ExplicitXYZ):
     """Explicit-x/y/z ScheduleFree+ (AdamC + Schedule-Free + a Polyak step), one process, written
     from the paper's update: the oracle of ``sf_dist.AdamCScheduleFreePlus``.
 
@@ -121,22 +125,6 @@ class ReferenceScheduleFreePlus(torch.optim.Optimizer):
                         weight_sum=0.0, lr_max=eps, grad_l1_ema=0.0, polyak_lr=0.0)
         super().__init__(params, defaults)
         self.reference_defect = reference_defect
-
-    @torch.no_grad()
-    def train(self) -> None:
-        self._load("y", True)
-
-    @torch.no_grad()
-    def eval(self) -> None:
-        self._load("x", False)
-
-    def _load(self, key: str, train_mode: bool) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state:
-                    p.copy_(state[key])
-            group["train_mode"] = train_mode
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None, *, loss: Optional[float] = None) -> None:
