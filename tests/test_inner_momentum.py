@@ -15,8 +15,8 @@ import sf_dist
 from dist import run_distributed
 from sf_dist import kernels
 from sf_dist.reference import ReferenceScheduleFree
+from test_parity import _assert_close as _close, _run
 
-RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 3), (5,), (4, 2, 3), (1,), (0, 3)]
 PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "cpu": dict(fused=True)}
 STEPS = 20
@@ -25,22 +25,6 @@ STEPS = 20
 def _params(seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-
-
-def _run(optimizers, tensors, steps, start=0):
-    """Same gradients for every optimizer; tensor 0 gets none every third step."""
-    for k in range(start, start + steps):
-        gen = torch.Generator().manual_seed(1000 + k)
-        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in tensors[0]]
-        for opt, ps in zip(optimizers, tensors):
-            for i, (p, g) in enumerate(zip(ps, grads)):
-                p.grad = None if (i == 0 and k % 3 == 2) else g.clone()
-            opt.step()
-
-
-def _close(a, b, what):
-    for i, (x, y) in enumerate(zip(a, b)):
-        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, tensor {i}: {m}")
 
 
 def _grid():

@@ -200,10 +200,8 @@ def _train(model, opt, rank=0, world=1):
         opt.step(loss=loss.detach())
 
 
-def _sharded_worker(rank, world):
-    from test_wrapper import _check, _fsdp2
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ref = _model()
+def _train_oracle(ref):
+    """The plain ScheduleFree+ oracle trained on the full batches of _data(); returns it in train mode."""
     ref_opt = ReferenceScheduleFreePlus(ref.parameters(), **HP)
     ref_opt.train()
     for x, t in _data():
@@ -211,6 +209,14 @@ def _sharded_worker(rank, world):
         loss = nn.functional.mse_loss(ref(x), t)
         loss.backward()
         ref_opt.step(loss=float(loss))
+    return ref_opt
+
+
+def _sharded_worker(rank, world):
+    from test_wrapper import _check, _fsdp2
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ref = _model()
+    ref_opt = _train_oracle(ref)
     y_ref = {k: v.clone() for k, v in ref.state_dict().items()}
     ref_opt.eval()
     x_ref = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -247,13 +253,7 @@ def test_sharded_equals_one_process(world):
 def _deepspeed_worker(rank, world):
     from sf_dist import deepspeed as sfds
     ref = _model().float().double()
-    ref_opt = ReferenceScheduleFreePlus(ref.parameters(), **HP)
-    ref_opt.train()
-    for x, t in _data():
-        ref_opt.zero_grad()
-        loss = nn.functional.mse_loss(ref(x), t)
-        loss.backward()
-        ref_opt.step(loss=float(loss))
+    ref_opt = _train_oracle(ref)
     per = mlp_case.BATCH // world
     config = {"train_micro_batch_size_per_gpu": per, "steps_per_print": 10**9, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamCScheduleFreePlus", "params": HP}}
