@@ -2,10 +2,15 @@
 
 Every call gets its own temporary directory, used both as the FileStore rendezvous and to
 carry results back, so concurrent calls (pytest-xdist) never share state.
+
+Ranks are forked from a forkserver that has imported torch once (about 0.2 s a rank instead of
+a fresh interpreter's 2-4 s). Each rank gets the caller's environment and working directory as
+they are at the call, and imports ``fn``'s module only after that, as a spawned rank would.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -29,13 +34,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, workdir: str, port: int, fn: Callable, args: tuple) -> None:
+_PRELOAD = ["torch", "torch.distributed", "torch.multiprocessing"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _worker(rank: int, world_size: int, workdir: str, port: int, target: tuple[str, str], env: dict,
+            cwd: str, args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     try:
+        module, name = target
+        fn = getattr(importlib.import_module(module), name)
         store = dist.FileStore(os.path.join(workdir, "store"), world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
@@ -60,11 +80,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     ``fn`` must be a module-level function (spawn pickles it by name) and return something
     ``torch.save`` can write. Any rank's exception fails the call with that rank's traceback.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
+    target, env, cwd = (fn.__module__, fn.__qualname__), dict(os.environ), os.getcwd()
     with tempfile.TemporaryDirectory(prefix="sf_dist_") as workdir:
         port = _free_port()
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, workdir, port, fn, args), daemon=False)
+            ctx.Process(target=_worker, args=(r, world_size, workdir, port, target, env, cwd, args), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:
