@@ -34,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_PRELOAD = ["torch", "torch.distributed", "torch.multiprocessing"]
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp", "sf_dist", "schedulefree"]
 
 
 def _context():
