@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -111,13 +112,22 @@ def _save_worker(rank: int, world: int, root: str) -> dict:
 
 
 def _convert_all(root: str) -> dict:
-    """``python -m sf_dist.ds_to_universal`` on every case, and DeepSpeed's converter on one, in parallel."""
-    ours = {case: _cli("sf_dist.ds_to_universal", "--input_folder", os.path.join(root, case, "step3"),
-                       "--output_folder", os.path.join(root, case, "step3_universal")) for case in CASES}
-    ours["deepspeed"] = _cli("deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                             os.path.join(root, "zero2", "step3"), "--output_folder",
-                             os.path.join(root, "deepspeed_converter_out"), "--inject_missing_state")
-    return {case: (p.wait(timeout=240), *p.communicate()) for case, p in ours.items()}
+    """sf_dist's converter on every case (in this process: the command line as written has its own
+    test below), while DeepSpeed's converter runs on one in a subprocess."""
+    from sf_dist.ds_to_universal import main
+
+    theirs = _cli("deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, "zero2", "step3"),
+                  "--output_folder", os.path.join(root, "deepspeed_converter_out"), "--inject_missing_state")
+    out = {}
+    for case in CASES:
+        try:
+            main(["--input_folder", os.path.join(root, case, "step3"),
+                  "--output_folder", os.path.join(root, case, "step3_universal")])
+            out[case] = (0, "", "")
+        except BaseException:  # noqa: BLE001 - the fixture reports it with the case's name
+            out[case] = (1, "", traceback.format_exc())
+    out["deepspeed"] = (theirs.wait(timeout=240), *theirs.communicate())
+    return out
 
 
 def _resume_worker(rank: int, world: int, root: str) -> dict:
