@@ -212,6 +212,20 @@ def test_sigkill_in_every_phase_keeps_the_previous_export_and_checkpoint(tmp_pat
             assert checkpoint.load(root / "last", *trained(0))["step"] == step, phase  # by its name too
             checkpoint.save(root / "last", *trained(2), extra={"step": 2})  # a clean save clears leftovers
             assert sorted(os.listdir(root)) == ["last"], (phase, os.listdir(root))
+    # the next save into a directory sweeps our temporaries of killed saves there, and nothing else
+    mine = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert len(mine) == 1, mine  # the last killed export's temporary (each export swept the one before)
+    (tmp_path / ".x.safetensors.notes.tmp").write_text("a user's file")  # not a name mkstemp gives
+    save_eval_weights(model, opt, export)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == [".x.safetensors.notes.tmp"]
+    child = fork.Process(target=_killed_save, args=("checkpoint", "shards", str(root / "other"), model, opt))
+    child.start()
+    child.join(60)
+    (root / "notes.tmp").mkdir()
+    (root / "notes.tmp" / "todo.txt").write_text("a user's directory")
+    assert sorted(os.listdir(root)) == ["last", "notes.tmp", "other.tmp"], os.listdir(root)
+    checkpoint.save(root / "last", model, opt, extra={"step": 3})
+    assert sorted(os.listdir(root)) == ["last", "notes.tmp"], os.listdir(root)
 
 
 def test_save_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -370,30 +384,6 @@ def test_faults_reach_every_rank_in_step(tmp_path, small_mounts):
     assert checkpoint.load(tmp_path / "ckpt", model, opt)["rank"] == 0
 
 
-# ---- FSDP1 keeps float64 exports bitwise ------------------------------------------------------------
-def _fsdp1_float64(rank, world, tmp):
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    model = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"),
-                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
-    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
-    more(model, opt, 3)
-    sd = eval_state_dict(model, opt)
-    save_eval_weights(model, opt, f"{tmp}/x.safetensors")
-    with eval_weights(model, opt), FSDP.summon_full_params(model, writeback=False):
-        x = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
-    if rank == 0:
-        saved = load_file(f"{tmp}/x.safetensors")
-        for name, want in x.items():
-            assert sd[name].dtype == torch.float64 and torch.equal(sd[name], want), name
-            assert torch.equal(saved[name], want), name
-    return len(x)
-
-
-def test_fsdp1_float64_exports_are_bitwise(tmp_path):
-    assert run_distributed(_fsdp1_float64, 2, str(tmp_path))[0] == 4
-
-
 # ---- FSDP2: rank 1 SIGKILLed while it streams its shards to rank 0 -------------------------------------
 def _rank1_killed_mid_export(rank, world, tmp):
     model, opt = _fsdp2(64)
@@ -420,3 +410,104 @@ def test_export_with_rank1_killed_keeps_the_previous_file(tmp_path):
         run_distributed(_rank1_killed_mid_export, 2, str(tmp_path), timeout=60)
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["intact"] and verdict["leftovers"] == [], verdict
+
+
+# ---- a failure on one rank while x is gathered reaches every rank, still in step ---------------------
+class _Fault:
+    """While ``armed``, make ``owner.name`` raise MemoryError once on ``rank`` in each run of a function
+    wrapped by ``around``: an OOM in the middle of the export gather, on that rank only."""
+
+    def __init__(self, owner, name, rank):
+        self.name, self.rank, self.armed, self.active = name, rank, False, False
+        original = getattr(owner, name)
+
+        def failing(*args, **kwargs):
+            if self.active and dist.get_rank() == self.rank:
+                self.active = False  # one OOM, then the agreement that reports it runs normally
+                raise MemoryError(f"injected OOM in {name} on rank {self.rank}")
+            return original(*args, **kwargs)
+        setattr(owner, name, failing)
+
+    def around(self, owner, name):
+        original = getattr(owner, name)
+
+        def scoped(*args, **kwargs):
+            self.active = self.armed
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.active = False
+        setattr(owner, name, scoped)
+
+
+def _fsdp1_float64_is_bitwise(rank, model, opt, path):
+    """FSDP1 keeps float64 exports bitwise (no float32 gather buffers)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    sd = eval_state_dict(model, opt)
+    save_eval_weights(model, opt, path)
+    with eval_weights(model, opt), FSDP.summon_full_params(model, writeback=False):
+        x = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        saved = load_file(path)
+        assert len(x) == 4
+        for name, want in x.items():
+            assert sd[name].dtype == torch.float64 and torch.equal(sd[name], want), name
+            assert torch.equal(saved[name], want), name
+
+
+def _gather_fault_worker(rank, world, tmp):
+    import sf_dist.weights as weights
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    fsdp1 = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"),
+                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+    fsdp1_opt = sf_dist.AdamWScheduleFree(fsdp1.parameters(), lr=1e-3, warmup_steps=1)
+    more(fsdp1, fsdp1_opt, 3)
+    _fsdp1_float64_is_bitwise(rank, fsdp1, fsdp1_opt, f"{tmp}/fsdp1.safetensors")
+    plain = make_model()
+    zero_opt = sf_dist.ZeroScheduleFree(plain.parameters(), lr=1e-3, warmup_steps=1)
+    more(plain, zero_opt, 1)
+    backends = {"fsdp2": _fsdp2(5), "fsdp1": (fsdp1, fsdp1_opt), "zero": (plain, zero_opt)}
+    contiguous = _Fault(torch.Tensor, "contiguous", rank=1)  # rank 1 copying its rows / shards out
+    contiguous.around(weights, "gather_x")
+    allocate = _Fault(torch, "empty", rank=0)  # rank 0 allocating the whole tensor
+    allocate.around(weights, "gather_x")
+    clone = _Fault(torch.Tensor, "clone", rank=1)  # ZeroScheduleFree: rank 1 saving y before its swap
+    clone.around(sf_dist.ZeroScheduleFree, "eval")
+    out = {}
+    for kind, (model, opt) in backends.items():
+        faults = {"zero": [clone]}.get(kind, [contiguous, allocate])
+        y = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+        for fault in faults:
+            for export in ("save_eval_weights", "eval_state_dict"):
+                call = (lambda: save_eval_weights(model, opt, f"{tmp}/{kind}.safetensors")) \
+                    if export == "save_eval_weights" else (lambda: eval_state_dict(model, opt))
+                start, fault.armed = time.monotonic(), True
+                try:
+                    call()
+                except Exception as e:  # noqa: BLE001 - the type is what is checked
+                    out[kind, fault.name, export] = (type(e).__name__, str(e), time.monotonic() - start)
+                else:
+                    raise AssertionError(f"{kind} {export}: rank {rank} did not raise")
+                fault.armed = False
+                _still_paired(rank)
+                assert opt.train_mode and all(torch.equal(a, b.detach()) for a, b in
+                                              zip(y, opt.param_groups[0]["params"])), (kind, "y changed")
+        save_eval_weights(model, opt, f"{tmp}/{kind}.safetensors")  # and the next export works
+    return out
+
+
+def test_a_failure_during_the_export_gather_reaches_every_rank(tmp_path):
+    """An OOM on one rank mid-gather (FSDP2, FSDP1, ZeroScheduleFree) raises on both ranks, still in step,
+    y intact; the same spawn checks that FSDP1 float64 exports are bitwise."""
+    ranks = run_distributed(_gather_fault_worker, 2, str(tmp_path), timeout=120)
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 10
+    for key in ranks[0]:
+        failing = 0 if key[1] == "empty" else 1
+        for rank, (kind, message, seconds) in enumerate(result[key] for result in ranks):
+            assert seconds < 10, (key, rank, seconds)
+            assert f"injected OOM in {key[1]} on rank {failing}" in message, (key, rank, message)
+            if rank == failing:
+                assert kind == "MemoryError", (key, rank, kind)
+            else:
+                assert kind == "RuntimeError" and message.startswith(f"rank {failing} could not"), (key, message)
