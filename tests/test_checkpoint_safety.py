@@ -511,3 +511,48 @@ def test_a_failure_during_the_export_gather_reaches_every_rank(tmp_path):
                 assert kind == "MemoryError", (key, rank, kind)
             else:
                 assert kind == "RuntimeError" and message.startswith(f"rank {failing} could not"), (key, message)
+
+
+# ---- old pickled checkpoints: refused by load, migrated only when trusted -------------------------------
+def _old_format_save(path, model, opt, extra):
+    """The layout sf_dist wrote before its manifest (git show 783908e^:sf_dist/checkpoint.py): DCP with
+    the pickled extra and optimizer class among the entries."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    opt.init_state()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+             "extra": pickle.dumps(extra), "optimizer_class": pickle.dumps(type(opt).__name__)}
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+
+
+def test_old_pickled_checkpoints_migrate_only_when_trusted(tmp_path, capsys):
+    from sf_dist.checkpoint.migrate import main as migrate_main
+    model, opt = trained()
+    old, new = tmp_path / "old", tmp_path / "new"
+    _old_format_save(old, model, opt, {"step": 2, "rng": torch.arange(3)})
+    with pytest.raises(RuntimeError, match=rf"python -m sf_dist\.checkpoint\.migrate {old} NEW --trust-pickle"):
+        checkpoint.load(old, *trained(0))
+    with pytest.raises(SystemExit):
+        migrate_main([str(old), str(new)])
+    assert "--trust-pickle" in capsys.readouterr().err and not new.exists()
+    marker = tmp_path / "PWNED"
+    _old_format_save(tmp_path / "crafted", model, opt, Payload(marker))
+    with pytest.raises(SystemExit):
+        migrate_main([str(tmp_path / "crafted"), str(tmp_path / "crafted_new")])
+    assert not marker.exists()  # not trusted: nothing unpickled
+    migrate_main([str(old), str(new), "--trust-pickle"])
+    fresh, fresh_opt = trained(0)
+    extra = checkpoint.load(new, fresh, fresh_opt)
+    assert extra["step"] == 2 and torch.equal(extra["rng"], torch.arange(3))
+    checkpoint.verify(new)
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a, b) and torch.equal(fresh_opt.state[a]["z"], opt.state[b]["z"])
+    assert fresh_opt.param_groups[0]["k"] == opt.param_groups[0]["k"] == 2
+    from sf_dist.export import main as export_main  # it exports offline as a new checkpoint does
+    export_main([str(new), str(tmp_path / "offline.safetensors")])
+    save_eval_weights(model, opt, str(tmp_path / "live.safetensors"))
+    live, offline = load_file(tmp_path / "live.safetensors"), load_file(tmp_path / "offline.safetensors")
+    assert live.keys() == offline.keys() and all(torch.equal(offline[k], v) for k, v in live.items())
+    more(model, opt, 1)  # and the migrated run continues exactly where the old one would
+    more(fresh, fresh_opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))

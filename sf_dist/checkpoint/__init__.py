@@ -302,7 +302,8 @@ def _resolve(path: str) -> tuple[str, dict[str, Any]]:
             and os.path.exists(os.path.join(path, METADATA)):
         raise RuntimeError(f"{path!r} is a DCP checkpoint without {MANIFEST} (written by another tool or an older "
                            "sf_dist that pickled extra): sf_dist.checkpoint.load refuses it, since it cannot be "
-                           "loaded without trusting pickled code")
+                           "loaded without trusting pickled code. If you trust the file, convert it once with "
+                           f"`python -m sf_dist.checkpoint.migrate {path} NEW --trust-pickle` and load NEW")
     survivor = _newest_complete([path, path + ".tmp", path + ".old"])
     if survivor is None:
         return path, _complete(path)  # raises, naming what is missing or damaged
