@@ -105,7 +105,7 @@ class SafetensorsWriter:
         header["__metadata__"] = {"format": "pt"}  # what transformers' from_pretrained checks for
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self.path, self._next = path, 0
+        self.path, self._next, self._filled = path, 0, 0
         directory = os.path.dirname(os.path.abspath(path))
         sweep_temporaries(directory, re.compile(re.escape(os.path.basename(path))))  # of a killed export
         fd, self._tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -116,15 +116,21 @@ class SafetensorsWriter:
             self.abort()
             raise
 
-    def write(self, name: str, tensor: Tensor) -> None:
+    def write(self, name: str, tensor: Tensor, part: bool = False) -> None:
+        """The tensor ``name``, next in header order: whole, or with ``part`` its next consecutive
+        elements (it is complete once its header's bytes are all written)."""
+        if self._next == len(self._order):
+            raise RuntimeError(f"safetensors stream: {name!r} written after the last tensor")
         expected, nbytes = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"safetensors stream out of order: got {name!r}, expected {expected!r}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != nbytes:
-            raise RuntimeError(f"tensor {name!r} has {data.numel()} bytes, its header says {nbytes}")
+        if (data.numel() != nbytes) if not part else (self._filled + data.numel() > nbytes):
+            raise RuntimeError(f"tensor {name!r} has {self._filled + data.numel()} bytes, its header says {nbytes}")
         self._file.write(memoryview(data.numpy()))  # the tensor's own buffer: no second copy
-        self._next += 1
+        self._filled += data.numel()
+        if self._filled == nbytes:
+            self._next, self._filled = self._next + 1, 0
 
     def close(self) -> None:
         """Flush, fsync and rename the finished file into place."""
@@ -197,10 +203,10 @@ class ShardedSafetensorsWriter:
             self.abort()
             raise
 
-    def write(self, name: str, tensor: Tensor) -> None:
+    def write(self, name: str, tensor: Tensor, part: bool = False) -> None:
         if name not in self._where:
             raise RuntimeError(f"safetensors stream: {name!r} is not in the planned shards")
-        self._writers[self._where[name]].write(name, tensor)
+        self._writers[self._where[name]].write(name, tensor, part)
 
     def close(self) -> None:
         """Finish every shard, publish them under their fresh names, then the index; then drop the
