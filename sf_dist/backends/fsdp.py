@@ -86,8 +86,11 @@ def gather_x(value: Any, x_of: XSource, name: str = "a tensor") -> Optional[Tens
     hears whether all did: a failure on any rank raises on every rank, naming it, before any data moves."""
     what = f"gather x of {name!r}"
     if isinstance(value, DTensor) and 0 not in value.device_mesh.mesh.flatten().tolist():
-        every_rank_io(lambda: None, what)
-        return None  # a replica on another submesh (e.g. tp=1 of FSDP + TP): rank 0's submesh sends its own
+        # a replica on another submesh (e.g. tp=1 of FSDP + TP): rank 0's submesh sends its own, on a mesh
+        # of the same layout; join as many agreements as rank 0's gather of that layout holds
+        for _ in range(2 if not _is_row_sharded(value) and _is_block_sharded(value) else 1):
+            every_rank_io(lambda: None, what)
+        return None
     if isinstance(value, DTensor) and _is_row_sharded(value):
         return _rows_to_rank0(value, x_of, what)
     if isinstance(value, DTensor) and _is_block_sharded(value):
