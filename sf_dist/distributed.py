@@ -59,36 +59,42 @@ def agreed_train_mode(optimizer: Any) -> bool:
     return mode
 
 
-def rank0_io(action: Callable[[], Any], what: str) -> Any:
+def rank0_io(action: Callable[[], Any], what: str, group: Optional[dist.ProcessGroup] = None) -> Any:
     """Run a file-system ``action`` on rank 0 and tell every rank whether it worked, so that a
     failure of any type raises everywhere instead of leaving the other ranks waiting in a collective.
 
     >>> writer = rank0_io(lambda: open(path, "wb"), f"open {path}")   # None on the other ranks
     """
-    return _agreed(action, what, here=rank() == 0)
+    return _agreed(action, what, here=rank() == 0, group=group)
 
 
-def every_rank_io(action: Callable[[], Any], what: str) -> Any:
-    """Run ``action`` on every rank; if it fails on any rank, every rank raises (the failing ones
-    their own error, the others a RuntimeError naming the rank and its error), still in step."""
-    return _agreed(action, what, here=True)
+def every_rank_io(action: Callable[[], Any], what: str, group: Optional[dist.ProcessGroup] = None) -> Any:
+    """Run ``action`` on every rank of ``group``; if it fails on any rank, every rank raises (the failing
+    ones their own error, the others a RuntimeError naming the rank and its error), still in step.
+
+    One one-element all-reduce when every rank succeeded; the causes travel only after a failure."""
+    return _agreed(action, what, here=True, group=group)
 
 
-def _agreed(action: Callable[[], Any], what: str, here: bool) -> Any:
+def _agreed(action: Callable[[], Any], what: str, here: bool, group: Optional[dist.ProcessGroup]) -> Any:
     result, error = None, None
     if here:
         try:
             result = action()
         except BaseException as e:  # any type: the other ranks must hear of it (then it is re-raised)
             error = e
-    if multi_rank():
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        reports: list[Optional[str]] = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, mine)  # one exchange every rank joins: collectives stay paired
-        failed = [(r, m) for r, m in enumerate(reports) if m is not None]
-        if failed and error is None:
-            r, message = failed[0]
-            raise RuntimeError(f"rank {r} could not {what}: {message}")
+    if multi_rank(group):
+        failures = torch.tensor([float(error is not None)], device=comm_device(group))
+        dist.all_reduce(failures, group=group)  # every rank joins this one exchange: collectives stay paired
+        if failures.item() > 0:
+            mine = None if error is None else f"{type(error).__name__}: {error}"
+            reports: list[Optional[str]] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(reports, mine, group=group)
+            if error is None:
+                r, message = next((r, m) for r, m in enumerate(reports) if m is not None)
+                if group is not None and group is not dist.group.WORLD:
+                    r = dist.get_global_rank(group, r)
+                raise RuntimeError(f"rank {r} could not {what}: {message}")
     if error is not None:
         raise error
     return result

@@ -35,7 +35,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             parser.error("--tag is for DeepSpeed checkpoints; an sf_dist.checkpoint directory has none")
         names = export_checkpoint(args.checkpoint_dir, args.out, args.max_shard_size)
     else:
-        names = list(export(args.checkpoint_dir, args.out, args.tag, args.max_shard_size))
+        names = export(args.checkpoint_dir, args.out, args.tag, args.max_shard_size)
     print(f"wrote {len(names)} tensors of x to {args.out}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import struct
 import tempfile
 from typing import Any, Callable, Union
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SAFETENSORS_DTYPES", "Spec", "check_specs", "atomic_write", "parse_size", "SafetensorsWriter",
-           "ShardedSafetensorsWriter", "open_writer", "INDEX_NAME"]
+           "ShardedSafetensorsWriter", "open_writer", "sweep_temporaries", "INDEX_NAME"]
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -85,8 +86,9 @@ class SafetensorsWriter:
     """Streams tensors into the safetensors layout: 8-byte header size, JSON header, raw bytes.
 
     The header is written first from shapes and dtypes alone, so no tensor needs to be held while
-    the others are gathered. Bytes go to a temporary next to ``path``; ``close()`` fsyncs and
-    renames it over ``path``, ``abort()`` removes it: ``path`` is never a partial file.
+    the others are gathered. Bytes go to a temporary next to ``path`` (a killed export's temporary
+    for ``path`` is removed first); ``close()`` fsyncs and renames it over ``path``, ``abort()``
+    removes it: ``path`` is never a partial file.
     """
 
     def __init__(self, path: str, specs: list[Spec]) -> None:
@@ -103,8 +105,9 @@ class SafetensorsWriter:
         header["__metadata__"] = {"format": "pt"}  # what transformers' from_pretrained checks for
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self.path, self._next = path, 0
+        self.path, self._next, self._filled = path, 0, 0
         directory = os.path.dirname(os.path.abspath(path))
+        sweep_temporaries(directory, re.compile(re.escape(os.path.basename(path))))  # of a killed export
         fd, self._tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         self._file = os.fdopen(fd, "wb")
         try:
@@ -113,15 +116,21 @@ class SafetensorsWriter:
             self.abort()
             raise
 
-    def write(self, name: str, tensor: Tensor) -> None:
+    def write(self, name: str, tensor: Tensor, part: bool = False) -> None:
+        """The tensor ``name``, next in header order: whole, or with ``part`` its next consecutive
+        elements (it is complete once its header's bytes are all written)."""
+        if self._next == len(self._order):
+            raise RuntimeError(f"safetensors stream: {name!r} written after the last tensor")
         expected, nbytes = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"safetensors stream out of order: got {name!r}, expected {expected!r}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != nbytes:
-            raise RuntimeError(f"tensor {name!r} has {data.numel()} bytes, its header says {nbytes}")
+        if (data.numel() != nbytes) if not part else (self._filled + data.numel() > nbytes):
+            raise RuntimeError(f"tensor {name!r} has {self._filled + data.numel()} bytes, its header says {nbytes}")
         self._file.write(memoryview(data.numpy()))  # the tensor's own buffer: no second copy
-        self._next += 1
+        self._filled += data.numel()
+        if self._filled == nbytes:
+            self._next, self._filled = self._next + 1, 0
 
     def close(self) -> None:
         """Flush, fsync and rename the finished file into place."""
@@ -163,8 +172,10 @@ class ShardedSafetensorsWriter:
     """The Hugging Face layout in ``directory``: tensors in order, a new file once the next tensor
     would pass ``max_bytes``; ``model.safetensors`` alone when everything fits in one.
 
-    Every shard is finished in a temporary first; ``close()`` renames them all, then the index, then
-    removes shards of an earlier export that the new index does not name.
+    Atomic as a set for readers: the shards are finished in temporaries and renamed to names no file
+    of the previous export holds (``model-0000k-of-0000n.safetensors``, or with a fresh
+    ``-<hex>`` suffix while those are taken), then the index is renamed into place, the one step that
+    switches readers from the old set to the new; only then are the old files removed.
     """
 
     def __init__(self, directory: str, specs: list[Spec], max_bytes: int) -> None:
@@ -178,13 +189,12 @@ class ShardedSafetensorsWriter:
                 size = 0
             shards[-1].append(spec)
             size += nbytes
-        n = len(shards)
-        self.names = ["model.safetensors"] if n == 1 else \
-            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        os.makedirs(directory, exist_ok=True)
+        sweep_temporaries(directory, _OUR_FILES)
+        self.names = _fresh_names(directory, len(shards))
         self._directory = directory
         self._total = sum(_nbytes(d, s) for _, d, s in specs)
         self._where = {name: i for i, shard in enumerate(shards) for name, _, _ in shard}
-        os.makedirs(directory, exist_ok=True)
         self._writers: list[SafetensorsWriter] = []
         try:
             for name, shard in zip(self.names, shards):
@@ -193,32 +203,66 @@ class ShardedSafetensorsWriter:
             self.abort()
             raise
 
-    def write(self, name: str, tensor: Tensor) -> None:
+    def write(self, name: str, tensor: Tensor, part: bool = False) -> None:
         if name not in self._where:
             raise RuntimeError(f"safetensors stream: {name!r} is not in the planned shards")
-        self._writers[self._where[name]].write(name, tensor)
+        self._writers[self._where[name]].write(name, tensor, part)
 
     def close(self) -> None:
-        """Finish every shard, publish them and the index, drop shards an earlier export left behind."""
+        """Finish every shard, publish them under their fresh names, then the index; then drop the
+        previous export's files (the index first when the new export is one file)."""
         for writer in self._writers:
             writer.finish()
         for writer in self._writers:
             writer.publish()
-        keep = set(self.names)
+        index_path = os.path.join(self._directory, INDEX_NAME)
         if len(self.names) > 1:
             index = {"metadata": {"total_size": self._total},
                      "weight_map": {name: self.names[i] for name, i in self._where.items()}}
-            atomic_write(os.path.join(self._directory, INDEX_NAME),
-                         lambda f: f.write(json.dumps(index, indent=2, sort_keys=True).encode()))
-            keep.add(INDEX_NAME)
-        for f in os.listdir(self._directory):
-            if f not in keep and (f in (INDEX_NAME, "model.safetensors")
-                                  or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)):
+            atomic_write(index_path, lambda f: f.write(json.dumps(index, indent=2, sort_keys=True).encode()))
+        else:
+            _remove_quietly(index_path)  # readers of the index now find model.safetensors alone
+        keep = set(self.names) | ({INDEX_NAME} if len(self.names) > 1 else set())
+        for f in sorted(os.listdir(self._directory)):
+            if f not in keep and _SHARD.fullmatch(f):
                 _remove_quietly(os.path.join(self._directory, f))
+        fsync_dir(self._directory)
 
     def abort(self) -> None:
         for writer in self._writers:
             writer.abort()
+
+
+# The files of our exports in a directory, and the temporaries mkstemp names after them (".<name>.<8>.tmp").
+_SHARD = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}(-[0-9a-f]{8})?\.safetensors")
+_OUR_FILES = re.compile(rf"{_SHARD.pattern}|model\.safetensors\.index\.json")
+
+
+def sweep_temporaries(directory: str, names: "re.Pattern[str]") -> list[str]:
+    """Remove the temporaries a killed export left in ``directory`` for files whose names match
+    ``names``: ``.<name>.<8 random characters>.tmp``, as :func:`atomic_write` and the writers make
+    them; nothing else is touched. Returns what was removed."""
+    removed = []
+    for f in sorted(os.listdir(directory)):
+        found = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.tmp", f)
+        if found and names.fullmatch(found.group(1)) and os.path.isfile(os.path.join(directory, f)):
+            _remove_quietly(os.path.join(directory, f))
+            removed.append(f)
+    return removed
+
+
+def _fresh_names(directory: str, n: int) -> list[str]:
+    """``model.safetensors`` for one shard; else the standard shard names, or with one random suffix
+    where a file of that name exists already (a previous export, still named by its index)."""
+    if n == 1:
+        return ["model.safetensors"]
+    present = set(os.listdir(directory))
+    suffix = ""
+    while True:
+        names = [f"model-{i + 1:05d}-of-{n:05d}{suffix}.safetensors" for i in range(n)]
+        if present.isdisjoint(names):
+            return names
+        suffix = "-" + secrets.token_hex(4)
 
 
 def open_writer(path: str, specs: list[Spec],

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .backends.deepspeed import is_deepspeed
 from .backends.fsdp import drop_gathered_copies, gather_x, is_fsdp1, is_sharded, is_sharded_tensor
-from .distributed import agreed_train_mode, rank0_io
+from .distributed import agreed_train_mode, every_rank_io, rank0_io
 from .frameworks import unwrap_optimizer
 from .kernels import swap_
 from .optim import ScheduleFreeOptimizer, local
@@ -44,10 +44,18 @@ def eval_weights(model: nn.Module, optimizer: Any) -> Iterator[nn.Module]:
     if not optimizer.train_mode:
         yield model
         return
-    snapshot = _snapshot_y(optimizer) if isinstance(optimizer, ScheduleFreeOptimizer) else []
-    drop_gathered_copies(model)
-    optimizer.eval()
-    try:
+    snapshot: list[tuple[Tensor, Tensor]] = []
+
+    def enter() -> None:
+        snapshot.extend(_snapshot_y(optimizer) if isinstance(optimizer, ScheduleFreeOptimizer) else [])
+        drop_gathered_copies(model)
+        optimizer.eval()
+
+    try:  # sharded: every rank is in here together, so a failure on one (an OOM copying y) reaches all
+        if is_sharded(model):
+            every_rank_io(enter, "put x in the params")
+        else:
+            enter()
         yield model
     finally:
         drop_gathered_copies(model)
@@ -215,7 +223,7 @@ def eval_state_dict(model: nn.Module, optimizer: Any, full: bool = True,
                 continue
             if not _is_tensor(value):
                 continue  # extra_state objects: not weights
-            whole = gather_x(value, x_of)
+            whole = gather_x(value, x_of, name)
             if whole is None:
                 continue
             if cpu_offload:
@@ -252,7 +260,7 @@ def save_eval_weights(model: nn.Module, optimizer: Any, path: str | os.PathLike,
     with _x_state(model, optimizer, lambda: _sharded_state_dict(model)) as (sd, x_of):
         entries = [(n, v) for n, v in sd.items() if _is_tensor(v)]
         _stream(path, [(n, v.dtype, tuple(v.shape)) for n, v in entries],
-                ((name, gather_x(value, x_of)) for name, value in entries), max_shard_size)
+                ((name, gather_x(value, x_of, name)) for name, value in entries), max_shard_size)
 
 
 def _stream(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],

@@ -212,6 +212,20 @@ def test_sigkill_in_every_phase_keeps_the_previous_export_and_checkpoint(tmp_pat
             assert checkpoint.load(root / "last", *trained(0))["step"] == step, phase  # by its name too
             checkpoint.save(root / "last", *trained(2), extra={"step": 2})  # a clean save clears leftovers
             assert sorted(os.listdir(root)) == ["last"], (phase, os.listdir(root))
+    # the next save into a directory sweeps our temporaries of killed saves there, and nothing else
+    mine = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert len(mine) == 1, mine  # the last killed export's temporary (each export swept the one before)
+    (tmp_path / ".x.safetensors.notes.tmp").write_text("a user's file")  # not a name mkstemp gives
+    save_eval_weights(model, opt, export)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == [".x.safetensors.notes.tmp"]
+    child = fork.Process(target=_killed_save, args=("checkpoint", "shards", str(root / "other"), model, opt))
+    child.start()
+    child.join(60)
+    (root / "notes.tmp").mkdir()
+    (root / "notes.tmp" / "todo.txt").write_text("a user's directory")
+    assert sorted(os.listdir(root)) == ["last", "notes.tmp", "other.tmp"], os.listdir(root)
+    checkpoint.save(root / "last", model, opt, extra={"step": 3})
+    assert sorted(os.listdir(root)) == ["last", "notes.tmp"], os.listdir(root)
 
 
 def test_save_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -278,7 +292,7 @@ def test_mismatched_groups_are_refused_and_dtype_changes_logged(tmp_path, caplog
 # ---- W=2: per-rank extra, full and read-only disks, a dtype safetensors cannot store ------------------
 @pytest.fixture
 def small_mounts(tmp_path):
-    """A full 64 KiB tmpfs and a read-only one (root only; skipped where mounting is not allowed)."""
+    """A full 64 KiB tmpfs and a read-only one (root only), or (None, None, why) where mounting is not allowed."""
     full, ro = tmp_path / "full", tmp_path / "ro"
     full.mkdir()
     ro.mkdir()
@@ -286,9 +300,10 @@ def small_mounts(tmp_path):
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
         if done.returncode != 0:
             subprocess.run(["umount", str(full)], capture_output=True)
-            pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {done.stderr.strip()}")
+            yield None, None, f"cannot mount a small tmpfs here (needs root and mount rights): {done.stderr.strip()}"
+            return
     try:
-        yield str(full), str(ro)
+        yield str(full), str(ro), None
     finally:
         for where in (full, ro):
             subprocess.run(["umount", str(where)], capture_output=True)
@@ -315,7 +330,7 @@ def _still_paired(rank):
 
 
 def _faults_worker(rank, world, tmp, full, ro):
-    out = {}
+    out = {"gather": _gather_faults(rank, tmp)}
     model, opt = _fsdp2(5)
     rng = torch.get_rng_state()
     checkpoint.save(f"{tmp}/ckpt", model, opt, extra={"rank": rank, "rng": rng})
@@ -324,7 +339,7 @@ def _faults_worker(rank, world, tmp, full, ro):
     assert extra["rank"] == rank and torch.equal(extra["rng"], rng), "extra is per rank"
 
     big, big_opt = _fsdp2(4000)  # 250 KB of float64 weights: more than the 64 KiB disk
-    cases = {
+    cases = {} if full is None else {
         "export to a full disk": lambda: save_eval_weights(big, big_opt, f"{full}/x.safetensors"),
         "export to a read-only disk": lambda: save_eval_weights(big, big_opt, f"{ro}/x.safetensors"),
         "checkpoint to a full disk": lambda: checkpoint.save(f"{full}/ckpt", big, big_opt),
@@ -348,8 +363,12 @@ def _faults_worker(rank, world, tmp, full, ro):
 
 
 def test_faults_reach_every_rank_in_step(tmp_path, small_mounts):
-    full, ro = small_mounts
-    ranks = run_distributed(_faults_worker, 2, str(tmp_path), full, ro, timeout=120)
+    """Full and read-only disks, a dtype safetensors cannot store, and an OOM on one rank mid-gather
+    (FSDP2, FSDP1, ZeroScheduleFree): every rank raises with the cause, in step; per-rank extra; FSDP1
+    float64 exports are bitwise. One spawn."""
+    full, ro, no_mounts = small_mounts
+    ranks = run_distributed(_faults_worker, 2, str(tmp_path), full, ro, timeout=180)
+    _check_gather_faults([result.pop("gather") for result in ranks])
     for what in ranks[0]:
         for rank, result in enumerate(ranks):
             kind, message, seconds = result[what]
@@ -363,35 +382,14 @@ def test_faults_reach_every_rank_in_step(tmp_path, small_mounts):
             else:
                 assert "complex64" in message and "safetensors cannot store" in message, (what, rank, message)
     # rank 0 raised the OSError itself; rank 1 was told which rank failed and why
-    assert ranks[1]["export to a full disk"][1].startswith("rank 0 could not write")
+    if no_mounts is None:
+        assert ranks[1]["export to a full disk"][1].startswith("rank 0 could not write")
     # saved by 2 ranks, loaded by 1: rank 0's extra, with a warning
     model, opt = make_model(), None
     opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
     assert checkpoint.load(tmp_path / "ckpt", model, opt)["rank"] == 0
-
-
-# ---- FSDP1 keeps float64 exports bitwise ------------------------------------------------------------
-def _fsdp1_float64(rank, world, tmp):
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    model = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"),
-                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
-    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=1)
-    more(model, opt, 3)
-    sd = eval_state_dict(model, opt)
-    save_eval_weights(model, opt, f"{tmp}/x.safetensors")
-    with eval_weights(model, opt), FSDP.summon_full_params(model, writeback=False):
-        x = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
-    if rank == 0:
-        saved = load_file(f"{tmp}/x.safetensors")
-        for name, want in x.items():
-            assert sd[name].dtype == torch.float64 and torch.equal(sd[name], want), name
-            assert torch.equal(saved[name], want), name
-    return len(x)
-
-
-def test_fsdp1_float64_exports_are_bitwise(tmp_path):
-    assert run_distributed(_fsdp1_float64, 2, str(tmp_path))[0] == 4
+    if no_mounts is not None:
+        pytest.skip(f"the rest passed; full and read-only disks not tried: {no_mounts}")
 
 
 # ---- FSDP2: rank 1 SIGKILLed while it streams its shards to rank 0 -------------------------------------
@@ -420,3 +418,154 @@ def test_export_with_rank1_killed_keeps_the_previous_file(tmp_path):
         run_distributed(_rank1_killed_mid_export, 2, str(tmp_path), timeout=60)
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["intact"] and verdict["leftovers"] == [], verdict
+
+
+# ---- a failure on one rank while x is gathered reaches every rank, still in step ---------------------
+class _Fault:
+    """While ``armed``, make ``owner.name`` raise MemoryError once on ``rank`` in each run of a function
+    wrapped by ``around``: an OOM in the middle of the export gather, on that rank only."""
+
+    def __init__(self, owner, name, rank):
+        self.name, self.rank, self.armed, self.active = name, rank, False, False
+        original = getattr(owner, name)
+
+        def failing(*args, **kwargs):
+            if self.active and dist.get_rank() == self.rank:
+                self.active = False  # one OOM, then the agreement that reports it runs normally
+                raise MemoryError(f"injected OOM in {name} on rank {self.rank}")
+            return original(*args, **kwargs)
+        setattr(owner, name, failing)
+
+    def around(self, owner, name):
+        original = getattr(owner, name)
+
+        def scoped(*args, **kwargs):
+            self.active = self.armed
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.active = False
+        setattr(owner, name, scoped)
+
+
+def _fsdp1_float64_is_bitwise(rank, model, opt, path):
+    """FSDP1 keeps float64 exports bitwise (no float32 gather buffers)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    sd = eval_state_dict(model, opt)
+    save_eval_weights(model, opt, path)
+    with eval_weights(model, opt), FSDP.summon_full_params(model, writeback=False):
+        x = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        saved = load_file(path)
+        assert len(x) == 4
+        for name, want in x.items():
+            assert sd[name].dtype == torch.float64 and torch.equal(sd[name], want), name
+            assert torch.equal(saved[name], want), name
+
+
+def _gather_faults(rank, tmp):
+    """Inject each OOM during save_eval_weights and eval_state_dict; return (type, message, seconds) per case."""
+    import sf_dist.weights as weights
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    fsdp1 = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"),
+                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+    fsdp1_opt = sf_dist.AdamWScheduleFree(fsdp1.parameters(), lr=1e-3, warmup_steps=1)
+    more(fsdp1, fsdp1_opt, 3)
+    _fsdp1_float64_is_bitwise(rank, fsdp1, fsdp1_opt, f"{tmp}/fsdp1.safetensors")
+    plain = make_model()
+    zero_opt = sf_dist.ZeroScheduleFree(plain.parameters(), lr=1e-3, warmup_steps=1)
+    more(plain, zero_opt, 1)
+    backends = {"fsdp2": _fsdp2(5), "fsdp1": (fsdp1, fsdp1_opt), "zero": (plain, zero_opt)}
+    contiguous = _Fault(torch.Tensor, "contiguous", rank=1)  # rank 1 copying its rows / shards out
+    contiguous.around(weights, "gather_x")
+    allocate = _Fault(torch, "empty", rank=0)  # rank 0 allocating the whole tensor
+    allocate.around(weights, "gather_x")
+    clone = _Fault(torch.Tensor, "clone", rank=1)  # ZeroScheduleFree: rank 1 saving y before its swap
+    clone.around(sf_dist.ZeroScheduleFree, "eval")
+    out = {}
+    for kind, (model, opt) in backends.items():
+        faults = {"zero": [clone]}.get(kind, [contiguous, allocate])
+        y = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+        for fault in faults:
+            for export in ("save_eval_weights", "eval_state_dict"):
+                call = (lambda: save_eval_weights(model, opt, f"{tmp}/{kind}.safetensors")) \
+                    if export == "save_eval_weights" else (lambda: eval_state_dict(model, opt))
+                start, fault.armed = time.monotonic(), True
+                try:
+                    call()
+                except Exception as e:  # noqa: BLE001 - the type is what is checked
+                    out[kind, fault.name, export] = (type(e).__name__, str(e), time.monotonic() - start)
+                else:
+                    raise AssertionError(f"{kind} {export}: rank {rank} did not raise")
+                fault.armed = False
+                _still_paired(rank)
+                assert opt.train_mode and all(torch.equal(a, b.detach()) for a, b in
+                                              zip(y, opt.param_groups[0]["params"])), (kind, "y changed")
+        save_eval_weights(model, opt, f"{tmp}/{kind}.safetensors")  # and the next export works
+    return out
+
+
+def _check_gather_faults(ranks):
+    """Each injected OOM raised on both ranks within 10 s: its own MemoryError on the failing rank, a
+    RuntimeError naming that rank and the cause on the other."""
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 10
+    for key in ranks[0]:
+        failing = 0 if key[1] == "empty" else 1
+        for rank, (kind, message, seconds) in enumerate(result[key] for result in ranks):
+            assert seconds < 10, (key, rank, seconds)
+            assert f"injected OOM in {key[1]} on rank {failing}" in message, (key, rank, message)
+            if rank == failing:
+                assert kind == "MemoryError", (key, rank, kind)
+            else:
+                assert kind == "RuntimeError" and message.startswith(f"rank {failing} could not"), (key, message)
+
+
+# ---- old pickled checkpoints: refused by load, migrated only when trusted -------------------------------
+def _old_format_save(path, model, opt, extra):
+    """The layout sf_dist wrote before its manifest (git show 783908e^:sf_dist/checkpoint.py): DCP with
+    the pickled extra and optimizer class among the entries."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    opt.init_state()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+             "extra": pickle.dumps(extra), "optimizer_class": pickle.dumps(type(opt).__name__)}
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+
+
+def test_old_pickled_checkpoints_migrate_only_when_trusted(tmp_path, capsys, monkeypatch):
+    from sf_dist.checkpoint.migrate import main as migrate_main
+    model, opt = trained()
+    old, new = tmp_path / "old", tmp_path / "new"
+    _old_format_save(old, model, opt, {"step": 2, "rng": torch.arange(3)})
+    with pytest.raises(RuntimeError, match=rf"python -m sf_dist\.checkpoint\.migrate {old} NEW --trust-pickle"):
+        checkpoint.load(old, *trained(0))
+    with pytest.raises(SystemExit):
+        migrate_main([str(old), str(new)])
+    assert "--trust-pickle" in capsys.readouterr().err and not new.exists()
+    marker = tmp_path / "PWNED"
+    _old_format_save(tmp_path / "crafted", model, opt, Payload(marker))
+    with pytest.raises(SystemExit):
+        migrate_main([str(tmp_path / "crafted"), str(tmp_path / "crafted_new")])
+    assert not marker.exists()  # not trusted: nothing unpickled
+    migrate_main([str(old), str(new), "--trust-pickle"])
+    fresh, fresh_opt = trained(0)
+    extra = checkpoint.load(new, fresh, fresh_opt)
+    assert extra["step"] == 2 and torch.equal(extra["rng"], torch.arange(3))
+    checkpoint.verify(new)
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a, b) and torch.equal(fresh_opt.state[a]["z"], opt.state[b]["z"])
+    assert fresh_opt.param_groups[0]["k"] == opt.param_groups[0]["k"] == 2
+    from sf_dist.export import main as export_main  # it exports offline as a new checkpoint does
+    export_main([str(new), str(tmp_path / "offline.safetensors")])
+    save_eval_weights(model, opt, str(tmp_path / "live.safetensors"))
+    live, offline = load_file(tmp_path / "live.safetensors"), load_file(tmp_path / "offline.safetensors")
+    assert live.keys() == offline.keys() and all(torch.equal(offline[k], v) for k, v in live.items())
+    from sf_dist.checkpoint import offline as streamed  # pieces it cannot read as bytes (2-D mesh blocks):
+    monkeypatch.setattr(streamed, "_raw_bytes", lambda *args: None)  # whole tensors through dcp.load
+    export_main([str(new), str(tmp_path / "whole.safetensors")])
+    whole = load_file(tmp_path / "whole.safetensors")
+    assert whole.keys() == live.keys() and all(torch.equal(whole[k], v) for k, v in live.items())
+    more(model, opt, 1)  # and the migrated run continues exactly where the old one would
+    more(fresh, fresh_opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))

@@ -3,7 +3,9 @@ save_eval_weights on every backend, at W=2, in fp32 and float64, train and eval 
 Hugging Face sharded layout, loaded by safetensors and by transformers' from_pretrained."""
 
 import json
+import multiprocessing
 import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from dist import run_distributed
 
 import sf_dist
 from sf_dist import checkpoint
+from sf_dist.checkpoint import offline as streamed
 from sf_dist.export import main as export_main
 from sf_dist.weights import save_eval_weights
 
@@ -78,7 +81,8 @@ def _live_and_saved(rank, world, tmp):
     return True
 
 
-def test_offline_export_equals_live_save_eval_weights_on_every_backend(tmp_path):
+def test_offline_export_equals_live_save_eval_weights_on_every_backend(tmp_path, monkeypatch):
+    monkeypatch.setattr(streamed, "PIECE", 5)  # streamed in 5-element pieces that cross the ranks' slabs
     run_distributed(_live_and_saved, 2, str(tmp_path), timeout=240)
     cases = sorted(p for p in os.listdir(tmp_path) if not p.endswith(".safetensors"))
     assert len(cases) == 2 * (2 * len(BACKENDS) - 1), cases
@@ -128,6 +132,59 @@ def test_sharded_save_eval_weights_loads_in_transformers(tmp_path):
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, want[k]), k
     assert torch.equal(loaded(input_ids=ids).logits, logits)
+    # re-exports killed in each phase: the directory loads as the old export or the new one, never a mix
+    old = want
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    with sf_dist.eval_weights(model, opt):
+        new = {k: v.clone() for k, v in model.state_dict().items()}
+    (out / "notes.txt").write_text("a user's file")
+    fork = multiprocessing.get_context("fork")
+    for phase, expect in (("tensors", old), ("shards", old), ("index", old), ("cleanup", new)):
+        child = fork.Process(target=_killed_sharded_export, args=(phase, model, opt, str(out)))
+        child.start()
+        child.join(60)
+        assert child.exitcode == -signal.SIGKILL, (phase, child.exitcode)
+        assert phase != "tensors" or any(f.endswith(".tmp") for f in os.listdir(out))  # swept at the next export
+        loaded = transformers.LlamaForCausalLM.from_pretrained(out).state_dict()
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        by_index = {}
+        for f in sorted(set(index["weight_map"].values())):
+            by_index.update(load_file(out / f))
+        for got in (loaded, by_index):
+            assert all(torch.equal(got[k], expect[k]) for k in by_index), phase
+    sf_dist.save_eval_weights(model, opt, out, max_shard_size="8KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(os.listdir(out)) == sorted({"config.json", "notes.txt", "model.safetensors.index.json",
+                                              *index["weight_map"].values()}), os.listdir(out)
     # a second, unsharded export into the same directory replaces the shards and drops the index
     sf_dist.save_eval_weights(model, opt, out, max_shard_size="5GB")
     assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+
+
+def _killed_sharded_export(phase, model, opt, out):
+    """In a forked child: SIGKILL in ``phase`` of a sharded re-export into ``out``."""
+    import sf_dist.safetensors_stream as stream
+    calls = [0]
+
+    def kill_on(owner, name, nth, when=lambda *a: True):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if when(*args):
+                calls[0] += 1
+                if calls[0] == nth:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+        setattr(owner, name, wrapper)
+    if phase == "tensors":
+        kill_on(stream.SafetensorsWriter, "write", 3)
+    elif phase == "shards":  # the first shard is published under its new name, the second not yet
+        kill_on(os, "replace", 2)
+    elif phase == "index":  # every shard published, the index not yet renamed
+        kill_on(os, "replace", 1, when=lambda src, dst: str(dst).endswith(stream.INDEX_NAME))
+    elif phase == "cleanup":  # the new index is in place, the old shards not yet removed
+        kill_on(os, "remove", 1, when=lambda p: not str(p).endswith(".tmp"))
+    sf_dist.save_eval_weights(model, opt, out, max_shard_size="8KB")
+    os._exit(0)

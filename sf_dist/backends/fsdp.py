@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import comm_device, rank
+from ..distributed import comm_device, every_rank_io, rank, rank0_io
 
 try:
     from torch.distributed.tensor import DTensor
@@ -79,23 +79,28 @@ def _reshard_fsdp1(module: nn.Module) -> None:
         _reshard(module, handle, free_unsharded_flat_param=True)
 
 
-def gather_x(value: Any, x_of: XSource) -> Optional[Tensor]:
-    """The full x of ``value`` on rank 0 (None on the others); a collective for sharded values."""
+def gather_x(value: Any, x_of: XSource, name: str = "a tensor") -> Optional[Tensor]:
+    """The full x of ``value`` on rank 0 (None on the others); a collective on every rank.
+
+    Each rank first prepares its part (where an OOM or any other error would strike), then every rank
+    hears whether all did: a failure on any rank raises on every rank, naming it, before any data moves."""
+    what = f"gather x of {name!r}"
     if isinstance(value, DTensor) and 0 not in value.device_mesh.mesh.flatten().tolist():
-        return None  # a replica on another submesh (e.g. tp=1 of FSDP + TP): rank 0's submesh sends its own
+        # a replica on another submesh (e.g. tp=1 of FSDP + TP): rank 0's submesh sends its own, on a mesh
+        # of the same layout; join as many agreements as rank 0's gather of that layout holds
+        for _ in range(2 if not _is_row_sharded(value) and _is_block_sharded(value) else 1):
+            every_rank_io(lambda: None, what)
+        return None
     if isinstance(value, DTensor) and _is_row_sharded(value):
-        return _rows_to_rank0(value, x_of)
+        return _rows_to_rank0(value, x_of, what)
     if isinstance(value, DTensor) and _is_block_sharded(value):
-        return _blocks_to_rank0(value, x_of)
-    value = x_of(value)
-    if isinstance(value, DTensor):
-        full = value.full_tensor()
-        return full if rank() == 0 else None
+        return _blocks_to_rank0(value, x_of, what)
     if is_sharded_tensor(value):
-        out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value)) if rank() == 0 else None
-        value.gather(dst=0, out=out, dtype=value.dtype)  # else float32 buffers: float64 would be rounded
-        return out
-    return value if rank() == 0 else None
+        return _shards_to_rank0(value, what)
+    if isinstance(value, DTensor):
+        full = every_rank_io(lambda: x_of(value), what).full_tensor()
+        return full if rank() == 0 else None
+    return rank0_io(lambda: x_of(value), what)
 
 
 def _is_row_sharded(value: DTensor) -> bool:
@@ -104,27 +109,33 @@ def _is_row_sharded(value: DTensor) -> bool:
     return value.device_mesh.ndim == 1 and tuple(value.placements) == (Shard(0),) and value.dim() > 0
 
 
-def _rows_to_rank0(value: DTensor, x_of: XSource) -> Optional[Tensor]:
+def _rows_to_rank0(value: DTensor, x_of: XSource, what: str) -> Optional[Tensor]:
     """Send each rank's rows of x straight into rank 0's output, where rank 0 derives its own
     rows in place: only rank 0 ever holds the whole tensor, once (full_tensor() would
     all-gather it onto every rank)."""
     group, shard = value.device_mesh.get_group(), value.to_local()
     members = value.device_mesh.mesh.tolist()
     rows, chunk = value.shape[0], -(-value.shape[0] // len(members))
-    if rank() != 0:
-        if shard.numel() > 0:
-            dist.send(x_of.local_x(value).contiguous(), dst=0, group=group)
-        return None
-    out = torch.empty(value.shape, dtype=value.dtype, device=shard.device)
-    for i, member in enumerate(members):
-        lo, hi = min(i * chunk, rows), min((i + 1) * chunk, rows)
-        if hi == lo or out[lo:hi].numel() == 0:
-            continue
-        if member == 0:
+    bounds = [(min(i * chunk, rows), min((i + 1) * chunk, rows)) for i in range(len(members))]
+
+    def prepare() -> Optional[Tensor]:
+        if rank() != 0:
+            return x_of.local_x(value).contiguous() if shard.numel() > 0 else None
+        out = torch.empty(value.shape, dtype=value.dtype, device=shard.device)
+        lo, hi = bounds[members.index(0)]
+        if out[lo:hi].numel() > 0:
             x_of.into(value, out[lo:hi])
-        else:
-            dist.recv(out[lo:hi], src=member, group=group)
-    return out
+        return out
+
+    part = every_rank_io(prepare, what)
+    if rank() != 0:
+        if part is not None:
+            dist.send(part, dst=0, group=group)
+        return None
+    for member, (lo, hi) in zip(members, bounds):
+        if member != 0 and part[lo:hi].numel() > 0:
+            dist.recv(part[lo:hi], src=member, group=group)
+    return part
 
 
 def _is_block_sharded(value: DTensor) -> bool:
@@ -136,42 +147,104 @@ def _is_block_sharded(value: DTensor) -> bool:
         and value.dim() > 0
 
 
-def _blocks_to_rank0(value: DTensor, x_of: XSource) -> Optional[Tensor]:
+def _blocks_to_rank0(value: DTensor, x_of: XSource, what: str) -> Optional[Tensor]:
     """Stream each block of x to rank 0, once per block: of the replicas along Replicate mesh dims
     only coordinate 0 sends. Each sender first sends its block's offsets and sizes (the layout
-    DCP records), then the data; rank 0 alone ever holds the whole tensor."""
+    DCP records); once rank 0 has its output and one block buffer, the data. Rank 0 alone ever
+    holds the whole tensor."""
     from torch.distributed.tensor import Replicate
-    mesh, ndim = value.device_mesh, value.dim()
+    ndim = value.dim()
     replicated = [d for d, p in enumerate(value.placements) if type(p) is Replicate]
-    grid = mesh.mesh
+    grid = value.device_mesh.mesh
     senders = [int(grid[idx]) for idx in _indices(tuple(grid.shape)) if all(idx[d] == 0 for d in replicated)]
     me = rank()
+
+    def prepare_block() -> Optional[tuple[Tensor, Tensor]]:
+        if me == 0 or me not in senders:
+            return None
+        chunk = value.__create_chunk_list__()[0]
+        meta = torch.tensor([*chunk.offsets, *chunk.sizes], dtype=torch.int64, device=comm_device())
+        return meta, x_of.local_x(value).contiguous()
+
+    mine = every_rank_io(prepare_block, what)
     if me != 0:
-        if me in senders:
-            chunk = value.__create_chunk_list__()[0]
-            dist.send(torch.tensor([*chunk.offsets, *chunk.sizes], dtype=torch.int64, device=comm_device()), dst=0)
-            x = x_of.local_x(value)
-            if x.numel() > 0:
-                dist.send(x.contiguous(), dst=0)
+        if mine is not None:
+            dist.send(mine[0], dst=0)
+        every_rank_io(lambda: None, what)  # rank 0 allocates its output
+        if mine is not None and mine[1].numel() > 0:
+            dist.send(mine[1], dst=0)
         return None
-    local_t = value.to_local()
-    out = torch.empty(value.shape, dtype=value.dtype, device=local_t.device)
+    layout = {}
     for member in senders:
         if member == 0:
-            chunk = value.__create_chunk_list__()[0]
-            region = out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
-            if region.numel() > 0:
-                x_of.into(value, region)
             continue
         meta = torch.empty(2 * ndim, dtype=torch.int64, device=comm_device())
         dist.recv(meta, src=member)
-        offsets, sizes = meta[:ndim].tolist(), meta[ndim:].tolist()
-        if torch.Size(sizes).numel() == 0:
+        layout[member] = (meta[:ndim].tolist(), meta[ndim:].tolist())
+
+    def prepare_out() -> tuple[Tensor, Tensor]:
+        local_t = value.to_local()
+        out = torch.empty(value.shape, dtype=value.dtype, device=local_t.device)
+        if 0 in senders:
+            chunk = value.__create_chunk_list__()[0]
+            region = out[_region(chunk.offsets, chunk.sizes)]
+            if region.numel() > 0:
+                x_of.into(value, region)
+        largest = max((torch.Size(sizes).numel() for _, sizes in layout.values()), default=0)
+        return out, torch.empty(largest, dtype=value.dtype, device=local_t.device)
+
+    out, buffer = every_rank_io(prepare_out, what)
+    for member, (offsets, sizes) in layout.items():
+        n = torch.Size(sizes).numel()
+        if n == 0:
             continue
-        block = torch.empty(sizes, dtype=value.dtype, device=local_t.device)
+        block = buffer[:n].view(sizes)
         dist.recv(block, src=member)
-        out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].copy_(block)
+        out[_region(offsets, sizes)].copy_(block)
     return out
+
+
+def _shards_to_rank0(value: Any, what: str) -> Optional[Tensor]:
+    """FSDP1's ShardedTensor: rank 0 knows every shard's place from its metadata; the other owners
+    send theirs once rank 0 has its output and one shard buffer (ShardedTensor.gather would pad
+    every rank's shards into a buffer the size of the world's)."""
+    group = getattr(value, "_process_group", None)  # FSDP1 shards over the world, or a node (hybrid)
+    world = group is None or group is dist.group.WORLD
+    owner = (lambda r: r) if world else (lambda r: dist.get_global_rank(group, r))
+    shards = [(owner(md.placement.rank()), md.shard_offsets, md.shard_sizes)
+              for md in value.metadata().shards_metadata if torch.Size(md.shard_sizes).numel() > 0]
+    mine = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}
+    me = rank()
+    if not world and 0 not in dist.get_process_group_ranks(group):
+        every_rank_io(lambda: None, what)
+        return None  # a replica of another node: rank 0's node sends its own
+
+    def prepare() -> Any:
+        if me != 0:
+            return [mine[tuple(offsets)].contiguous() for r, offsets, _ in shards if r == me]
+        out = torch.empty(value.shape, dtype=value.dtype, device=_shard_device(value))
+        for r, offsets, sizes in shards:
+            if r == 0:
+                out[_region(offsets, sizes)].copy_(mine[tuple(offsets)].view(sizes))
+        largest = max((torch.Size(sizes).numel() for r, _, sizes in shards if r != 0), default=0)
+        return out, torch.empty(largest, dtype=value.dtype, device=out.device)
+
+    part = every_rank_io(prepare, what)
+    if me != 0:
+        for tensor in part:
+            dist.send(tensor, dst=0)
+        return None
+    out, buffer = part
+    for r, offsets, sizes in shards:
+        if r != 0:
+            block = buffer[:torch.Size(sizes).numel()].view(sizes)
+            dist.recv(block, src=r)
+            out[_region(offsets, sizes)].copy_(block)
+    return out
+
+
+def _region(offsets: Any, sizes: Any) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
 
 
 def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -179,7 +179,29 @@ def _prepare(path: str, tmp: str) -> None:
         if survivor is not None:  # a save killed between its renames: keep the newest complete one
             os.rename(survivor, path)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+    if os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        _sweep(os.path.dirname(os.path.abspath(path)))
     os.makedirs(tmp)
+
+
+# What a save puts in its directory: DCP's shards and metadata (and its temporary), extra, the manifest.
+_OURS = re.compile(r"__\d+_\d+\.distcp|(__\d+)?\.metadata(\.tmp)?|extra_\d+\.json|sf_dist\.json"
+                   r"|\.sf_dist\.json\.[a-z0-9_]{8}\.tmp")
+
+
+def _sweep(root: str) -> None:
+    """Remove what killed saves left in ``root``: ``<name>.tmp`` / ``<name>.old`` directories holding only
+    our files, unless one is a complete checkpoint newer than ``<name>`` (then load() and latest() take
+    it). A directory with any other file is left alone."""
+    for entry in sorted(os.listdir(root)):
+        base, dot, kind = entry.rpartition(".")
+        leftover = os.path.join(root, entry)
+        if not dot or kind not in ("tmp", "old") or not os.path.isdir(leftover) \
+                or not all(_OURS.fullmatch(f) for f in os.listdir(leftover)):
+            continue
+        final = os.path.join(root, base)
+        if _newest_complete([leftover, final]) in (None, final):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -280,7 +302,8 @@ def _resolve(path: str) -> tuple[str, dict[str, Any]]:
             and os.path.exists(os.path.join(path, METADATA)):
         raise RuntimeError(f"{path!r} is a DCP checkpoint without {MANIFEST} (written by another tool or an older "
                            "sf_dist that pickled extra): sf_dist.checkpoint.load refuses it, since it cannot be "
-                           "loaded without trusting pickled code")
+                           "loaded without trusting pickled code. If you trust the file, convert it once with "
+                           f"`python -m sf_dist.checkpoint.migrate {path} NEW --trust-pickle` and load NEW")
     survivor = _newest_complete([path, path + ".tmp", path + ".old"])
     if survivor is None:
         return path, _complete(path)  # raises, naming what is missing or damaged

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import math
 import os
 import pickle
 import re
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -39,23 +40,32 @@ _ZERO_STAGE = "zero_stage"
 
 
 def export(checkpoint_dir: str, out: str, tag: Optional[str] = None,
-           max_shard_size: Union[int, str, None] = None) -> dict[str, torch.Tensor]:
-    """Write x from a DeepSpeed checkpoint to ``out`` (safetensors, replaced atomically) and return it.
-    With ``max_shard_size``, ``out`` is a directory in the Hugging Face sharded layout."""
-    state = eval_state_dict_from_checkpoint(checkpoint_dir, tag)
-    writer = open_writer(out, [(k, v.dtype, tuple(v.shape)) for k, v in state.items()], max_shard_size)
+           max_shard_size: Union[int, str, None] = None) -> list[str]:
+    """Write x from a DeepSpeed checkpoint to ``out`` (safetensors, replaced atomically) and return the
+    names. With ``max_shard_size``, ``out`` is a directory in the Hugging Face sharded layout. One param
+    is held at a time: each is cut from the memory-mapped partitions and turned into x as it is written."""
+    plan = _plan(checkpoint_dir, tag)
+    writer = open_writer(out, [(name, dtype, shape) for name, dtype, shape, _ in plan], max_shard_size)
     try:
-        for name, value in state.items():
-            writer.write(name, value)
+        for name, _, _, make in plan:
+            writer.write(name, make())
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return state
+    return [name for name, _, _, _ in plan]
 
 
 def eval_state_dict_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
     """x of every trained param (fp32) plus buffers and frozen params, by plain module name."""
+    return {name: make() for name, _, _, make in _plan(checkpoint_dir, tag)}
+
+
+_Plan = list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]
+
+
+def _plan(checkpoint_dir: str, tag: Optional[str]) -> _Plan:
+    """(name, dtype, shape, make the tensor) for buffers, frozen params, trained params (as x), aliases."""
     tag_dir = _tag_dir(checkpoint_dir, tag)
     optim_files = _sorted_glob(tag_dir, "*_optim_states.pt")
     if not optim_files:
@@ -74,25 +84,63 @@ def eval_state_dict_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = No
     model_files = _sorted_glob(tag_dir, "*_model_states.pt")
     model = _load(model_files[0])
     stage3 = _FP32_3 in optim[0]
-    partitions = [_x_partitions(sd, stage3) for sd in optim]  # [rank][group] flat x
+    partitions = [_x_partitions(sd, stage3) for sd in optim]  # [rank][group] flat x, taken per range
 
-    out: dict[str, torch.Tensor] = {}
+    plan: _Plan = []
     buffers = set(model.get("buffer_names") or ())
-    out.update({name: value for name, value in model["module"].items() if name in buffers})
+    plan += [(name, value.dtype, tuple(value.shape), lambda value=value: value)
+             for name, value in model["module"].items() if name in buffers]
     if model.get("frozen_param_shapes"):
-        out.update(_frozen(model, model_files, stage3))
+        plan += [(name, value.dtype, tuple(value.shape), lambda value=value: value)
+                 for name, value in _frozen(model, model_files, stage3).items()]
     if stage3:
-        out.update(_unflatten_stage3(partitions, model["param_shapes"]))
+        plan += _params_stage3(partitions, model["param_shapes"])
     else:
-        out.update(_unflatten_stage12(partitions, model["param_shapes"], optim[0].get(_PARAM_PADDINGS)))
+        plan += _params_stage12(partitions, model["param_shapes"], optim[0].get(_PARAM_PADDINGS))
+    made = {name: (dtype, shape, make) for name, dtype, shape, make in plan}
     for alias, source in (model.get("shared_params") or {}).items():
-        if source in out:
-            out[alias] = out[source]
-    return out
+        if source in made:
+            plan.append((alias, *made[source]))
+    return plan
 
 
-def _x_partitions(sd: dict[str, Any], stage3: bool) -> list[torch.Tensor]:
-    """This rank's flat fp32 partitions (padding removed at ZeRO-1/2), turned into x."""
+class _Partition:
+    """One rank's flat fp32 partition of a group, memory-mapped: y, and z where x must be derived."""
+
+    def __init__(self, y: torch.Tensor, z: Optional[torch.Tensor], weight: float) -> None:
+        self.y, self.z, self.weight = y, z, weight
+
+    def numel(self) -> int:
+        return self.y.numel()
+
+    @torch.no_grad()  # DeepSpeed saves its masters as Parameters
+    def x_into(self, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Elements [lo, hi) of x into ``out``: lerp(y, z, 1 - 1/b1), or y as saved (eval mode)."""
+        y = self.y[lo:hi].float()
+        if self.z is None:
+            out.copy_(y)
+        else:
+            torch.lerp(y, self.z[lo:hi].float(), self.weight, out=out)
+
+
+class _Concat:
+    """Partitions laid end to end (a group's over the ranks, or a ZeRO-3 rank's over its groups)."""
+
+    def __init__(self, parts: list[_Partition]) -> None:
+        self.parts, self.starts = parts, list(itertools.accumulate((p.numel() for p in parts), initial=0))
+
+    def numel(self) -> int:
+        return self.starts[-1]
+
+    def x_into(self, lo: int, hi: int, out: torch.Tensor) -> None:
+        for part, start, end in zip(self.parts, self.starts, self.starts[1:]):
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                part.x_into(a - start, b - start, out[a - lo:b - lo])
+
+
+def _x_partitions(sd: dict[str, Any], stage3: bool) -> list[_Partition]:
+    """This rank's flat fp32 partitions (padding removed at ZeRO-1/2), each with what turns it into x."""
     if stage3:
         masters, base = sd[_FP32_3], sd[_OPTIM]
     else:
@@ -107,47 +155,67 @@ def _x_partitions(sd: dict[str, Any], stage3: bool) -> list[torch.Tensor]:
     group_of = {i: group for group in base["param_groups"] for i in group["params"]}
     if len(ids) != len(masters):
         raise ValueError(f"checkpoint has {len(masters)} fp32 partitions but {len(ids)} optimizer params")
-    xs = []
+    parts = []
     for i, y in zip(ids, masters):
         group, state = group_of[i], base["state"].get(i, {})
-        y = y.float()
         if group.get("train_mode", False) and "z" in state:
             b1 = group["betas"][0] if "betas" in group else group["momentum"]
-            y = y.lerp(state["z"][: y.numel()].float(), 1 - 1 / b1)
-        xs.append(y)
-    return xs
+            parts.append(_Partition(y, state["z"][: y.numel()], 1 - 1 / b1))
+        else:
+            parts.append(_Partition(y, None, 0.0))
+    return parts
 
 
-def _unflatten_stage12(partitions: list[list[torch.Tensor]], param_shapes: list[dict],
-                       param_paddings: Optional[list[list[int]]]) -> dict[str, torch.Tensor]:
+def _params_stage12(partitions: list[list[_Partition]], param_shapes: list[dict],
+                    param_paddings: Optional[list[list[int]]]) -> _Plan:
     """ZeRO-1/2: a group is the concatenation of the ranks' partitions; params lie in order in it."""
-    out = {}
+    plan: _Plan = []
     for g, shapes in enumerate(param_shapes):
-        flat = torch.cat([rank[g] for rank in partitions])
+        flat = _Concat([rank[g] for rank in partitions])
         offset = 0
         for j, (name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
-            out[name] = flat[offset:offset + n].view(shape).clone()
+            plan.append((name, torch.float32, tuple(shape),
+                         lambda flat=flat, o=offset, n=n, s=shape: _cut(flat, o, n, s)))
             offset += n + (param_paddings[g][j] if param_paddings else 0)
         if offset > flat.numel():
             raise ValueError(f"group {g}: params need {offset} elements, the partitions hold {flat.numel()}")
-    return out
+    return plan
 
 
-def _unflatten_stage3(partitions: list[list[torch.Tensor]], param_shapes: list[dict]) -> dict[str, torch.Tensor]:
+def _cut(flat: _Concat, offset: int, n: int, shape: Any) -> torch.Tensor:
+    """x of the ``n`` elements at ``offset`` of a group, as a param of ``shape``."""
+    out = torch.empty(n, dtype=torch.float32)
+    flat.x_into(offset, offset + n, out)
+    return out.view(shape)
+
+
+def _params_stage3(partitions: list[list[_Partition]], param_shapes: list[dict]) -> _Plan:
     """ZeRO-3: each param is cut into ceil(numel/W) pieces, one per rank, laid in order on each rank."""
     world = len(partitions)
-    flats = [torch.cat(rank) for rank in partitions]
-    out, offset = {}, 0
+    flats = [_Concat(rank) for rank in partitions]
+    plan: _Plan = []
+    offset = 0
     for shapes in param_shapes:
         for name, shape in shapes.items():
             n = math.prod(shape)
             piece = math.ceil(n / world)
-            out[name] = torch.cat([f[offset:offset + piece] for f in flats])[:n].view(shape).clone()
+            plan.append((name, torch.float32, tuple(shape),
+                         lambda o=offset, n=n, piece=piece, s=shape: _gather_pieces(flats, o, n, piece, s)))
             offset += piece
     if offset != flats[0].numel():
         raise ValueError(f"params use {offset} elements per rank, the partitions hold {flats[0].numel()}")
-    return out
+    return plan
+
+
+def _gather_pieces(flats: list[_Concat], offset: int, n: int, piece: int, shape: Any) -> torch.Tensor:
+    """x of a ZeRO-3 param: rank r's ``piece`` elements at ``offset`` are elements [r*piece, (r+1)*piece)."""
+    out = torch.empty(n, dtype=torch.float32)
+    for r, flat in enumerate(flats):
+        lo, hi = min(r * piece, n), min((r + 1) * piece, n)
+        if hi > lo:
+            flat.x_into(offset, offset + hi - lo, out[lo:hi])
+    return out.view(shape)
 
 
 def _frozen(model: dict[str, Any], model_files: list[str], stage3: bool) -> dict[str, torch.Tensor]:
@@ -220,8 +288,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("out", help="output .safetensors file (fp32 x under plain module names)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in CHECKPOINT_DIR/latest)")
     args = parser.parse_args(argv)
-    state = export(args.checkpoint_dir, args.out, args.tag)
-    print(f"wrote {len(state)} tensors of x to {args.out}")
+    names = export(args.checkpoint_dir, args.out, args.tag)
+    print(f"wrote {len(names)} tensors of x to {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...distributed import comm_device
+from ...distributed import comm_device, every_rank_io
 from ...optim import AdamWScheduleFree, ScheduleFreeOptimizer
 from . import state as zstate
 from .buckets import Bucket, plan
@@ -115,10 +115,27 @@ class ZeroScheduleFree(torch.optim.Optimizer):
         if not self.train_mode:
             return
         self._check_params()
-        self._saved_y = [b.master.clone() for b in self.all_buckets()]
-        self.inner.eval()
+
+        def swap_local() -> None:
+            self._saved_y = [b.master.clone() for b in self.all_buckets()]
+            self.inner.eval()
+
+        try:  # a failure on one rank (an OOM copying y) reaches every rank before the all-gather
+            every_rank_io(swap_local, "put x in its shard", group=self.process_group)
+        except BaseException:
+            self._restore_y()
+            raise
         self.pull_counters()
         self.publish()
+
+    def _restore_y(self) -> None:
+        """Undo a local eval(): y back in the shard as saved, train mode, nothing gathered."""
+        if self._saved_y is not None and len(self._saved_y) == len(self.all_buckets()):
+            for b, y in zip(self.all_buckets(), self._saved_y):
+                b.master.copy_(y)
+        for group in self.inner.param_groups:
+            group["train_mode"] = True
+        self._saved_y = None
 
     # ---- gradients and step ------------------------------------------------------------------
     @contextlib.contextmanager
