@@ -21,7 +21,7 @@ schedulefree = pytest.importorskip("schedulefree")
 
 import sf_dist  # noqa: E402
 from sf_dist import deepspeed as sfds  # noqa: E402
-from sf_dist.backends import deepspeed as ds_backend  # noqa: E402
+from sf_dist.backends.deepspeed import weights as ds_weights  # noqa: E402
 from sf_dist.export import eval_state_dict_from_checkpoint, main as export_main  # noqa: E402
 from dist import run_distributed  # noqa: E402
 
@@ -313,7 +313,7 @@ def _full_z(engine, p: torch.Tensor) -> torch.Tensor:
     """z of one model param, gathered to full size (collective at ZeRO-1/2/3)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    masters = ds_backend._stage0_masters(engine.optimizer)
+    masters = ds_weights._stage0_masters(engine.optimizer)
     if id(p) in masters:
         return _base(engine.optimizer).state[masters[id(p)]]["z"]
     return safe_get_full_optimizer_state(p, "z").reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)

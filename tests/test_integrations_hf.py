@@ -159,7 +159,41 @@ def _trainer_case(rank: int, how: str, stage: int | None, root: str) -> dict:
 
 def _trainer_worker(rank: int, world: int, cases: list[str], root: str) -> dict:
     transformers.logging.set_verbosity_error()
-    return {case: _trainer_case(rank, *TRAINER_CASES[case][:2], os.path.join(root, case)) for case in cases}
+    out = {case: _trainer_case(rank, *TRAINER_CASES[case][:2], os.path.join(root, case)) for case in cases}
+    if "ddp" in cases:  # FSDP1 through the callback, with and without it
+        out["fsdp1"] = {bound: _fsdp1_through_the_callback(rank, world, root, bound) for bound in (True, False)}
+    return out
+
+
+def _fsdp1_through_the_callback(rank: int, world: int, root: str, bound: bool) -> dict:
+    """Under FSDP Trainer hands on_train_begin the FSDP root as ``model`` (transformers 5.23 sets trainer.model
+    to the wrapped model there) and Accelerate's AcceleratedOptimizer, then makes bare optimizer.eval()/train()
+    calls. Accelerate runs FSDP only on GPUs, so those objects are built here: test_bind's model (weights in the
+    root, tied head) and steps, checked against its schedulefree oracle."""
+    from accelerate import Accelerator
+    from test_bind import EVAL_AT, HP, STEPS as BIND_STEPS, X_TEST, Tied, _full_state, _shard, _train_step
+
+    args = transformers.TrainingArguments(output_dir=os.path.join(root, "fsdp1"), lr_scheduler_type="constant",
+                                          report_to=[], use_cpu=True)  # before Accelerator: it resets Accelerate's state
+    model = _shard(Tied().double(), "fsdp1", world)
+    opt = Accelerator(cpu=True).prepare_optimizer(sf_dist.AdamWScheduleFree(model.parameters(), **HP))
+    if bound:
+        ScheduleFreeCallback().on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(),
+                                              model=model, optimizer=opt)
+    out = {}
+    opt.train()
+    for step in range(BIND_STEPS):
+        if step == EVAL_AT:
+            with torch.no_grad():
+                out["y_out"] = model.eval()(X_TEST)  # the root keeps its gathered weights (at y)
+                opt.eval()
+                out["x_out"] = model(X_TEST)
+                opt.train()
+                out["y_again"] = model(X_TEST)
+                model.train()
+        _train_step(model, opt, step, rank, world)
+    out["y"] = _full_state(model)
+    return out
 
 
 TRAINER_CASES = {  # name: (how the optimizer is given, DeepSpeed stage or None, spawn group)
@@ -173,12 +207,15 @@ _SPAWNS: dict[str, dict] = {}
 
 
 def _trainer_run(case: str, root) -> dict:
-    """One spawn per group (DeepSpeed stages apart: Accelerate keeps one DeepSpeed plugin per process)."""
+    """One spawn per group (DeepSpeed stages apart: Accelerate keeps one DeepSpeed plugin per process); the
+    one-process group runs here, as the refusal test's Trainer does (a spawn would import everything again)."""
     group = TRAINER_CASES[case][2]
     if group not in _SPAWNS:
         cases = [c for c, spec in TRAINER_CASES.items() if spec[2] == group]
-        world = 1 if group == "one process" else WORLD
-        _SPAWNS[group] = run_distributed(_trainer_worker, world, cases, str(root), timeout=500)[0]
+        if group == "one process":
+            _SPAWNS[group] = _trainer_worker(0, 1, cases, str(root))
+        else:
+            _SPAWNS[group] = run_distributed(_trainer_worker, WORLD, cases, str(root), timeout=500)[0]
     return _SPAWNS[group][case]
 
 
@@ -209,6 +246,20 @@ def test_trainer_evaluates_saves_and_resumes_at_x(case, tmp_path_factory):
         assert r["before"] == pytest.approx(_loss_at(_gpt2().state_dict()), rel=RTOL, abs=ATOL)
     if stage is not None:
         assert r["wrapper"] == "DeepSpeedOptimizerWrapper"
+
+
+def test_trainer_fsdp1_bare_eval_and_train_reach_the_root_weights(tmp_path_factory):
+    """The callback binds the FSDP1 root Trainer gives it; without the callback the root's copy stays stale."""
+    from test_bind import _reference
+
+    _trainer_run("ddp", tmp_path_factory.mktemp("ddp"))
+    runs, ref = _SPAWNS["ddp"]["fsdp1"], _reference()
+    got = runs[True]
+    for key, want in (("y_out", ref["y_out"]), ("x_out", ref["x_out"]), ("y_again", ref["y_out"])):
+        torch.testing.assert_close(got[key], want, rtol=RTOL, atol=ATOL, msg=lambda m, key=key: f"{key}: {m}")
+    assert set(got["y"]) == set(ref["y"])
+    _close(got["y"], ref["y"])  # training after the evaluation stays on the oracle's trajectory
+    assert (runs[False]["x_out"] - ref["x_out"]).abs().max() > 1e-3  # unbound: the forward after eval() is not at x
 
 
 # ---- Accelerate's DeepSpeed plugin and plain deepspeed.initialize, through the config entry ------------------

@@ -3,12 +3,16 @@
 Checks: the trajectory equals schedulefree 1.4.1 on one process (float64, full batch per step); the
 validation loss Lightning reports equals the loss at x = (y - (1-b1) z) / b1 computed here from the run's
 y and z; ModelCheckpoint's and trainer.save_checkpoint's files hold that x with eval-mode optimizer state;
-a fit resumed from ModelCheckpoint's file at the end of the first epoch ends where the uninterrupted one does.
+fits resumed from ModelCheckpoint's files at the end of the first epoch and in the middle of the second end
+bitwise where the uninterrupted one does. The training loader is docs/frameworks.md's ResumableLoader, as
+written there (Lightning restarts a plain DataLoader at the epoch's first batch: see that page).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +25,7 @@ import sf_dist  # noqa: E402
 from sf_dist.integrations.lightning import ScheduleFreeCallback  # noqa: E402
 from dist import run_distributed  # noqa: E402
 
-WORLD, STEPS, PER_RANK, B1 = 2, 6, 4, 0.9
+WORLD, STEPS, PER_RANK, B1 = 2, 6, 4, 0.9  # 3 steps an epoch
 RTOL, ATOL = 1e-5, 1e-6
 HP = dict(lr=0.02, weight_decay=0.01, warmup_steps=2)
 _g = torch.Generator().manual_seed(7)
@@ -62,20 +66,35 @@ class Recorder(lightning.Callback):
                                         {n: opt.state[p]["z"].detach().clone() for n, p in named})
 
 
+def _docs_class(name: str) -> type:
+    """A class of docs/frameworks.md as written there, so the recipe users copy is the one tested."""
+    from torch.utils.data import DataLoader
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "frameworks.md").read_text()
+    source = re.search(rf"^class {name}\b.*?(?=^\S)", text, flags=re.S | re.M).group(0)
+    namespace = {"DataLoader": DataLoader, "__name__": __name__}
+    exec(source, namespace)
+    return namespace[name]
+
+
+ResumableLoader = _docs_class("ResumableLoader")
+
+
 def _loaders():
     from torch.utils.data import DataLoader, TensorDataset
 
-    return (DataLoader(TensorDataset(*TRAIN), batch_size=PER_RANK, shuffle=False),
+    return (ResumableLoader(TensorDataset(*TRAIN), batch_size=PER_RANK, shuffle=False),
             DataLoader(TensorDataset(*VAL), batch_size=PER_RANK, shuffle=False))
 
 
 def _fit(root: str, name: str, resume: str | None = None):
     module, recorder = Regression(), Recorder()
-    every = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(root, name), every_n_train_steps=3,
+    every = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(root, name), every_n_train_steps=1,
                                                         save_top_k=-1, filename="{step}")
     trainer = lightning.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", precision="64-true",
                                 max_steps=STEPS, callbacks=[ScheduleFreeCallback(), recorder, every],
-                                logger=False, enable_progress_bar=False, enable_model_summary=False)
+                                logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0)
     train, val = _loaders()
     trainer.fit(module, train, val, ckpt_path=resume)
     return trainer, module, recorder
@@ -87,16 +106,18 @@ def _worker(rank: int, world: int, root: str) -> dict:
     opt = trainer.optimizers[0]
     opt.train()
     trainer.save_checkpoint(os.path.join(root, "manual_train.ckpt"))  # in train mode: still x in the file
-    y_after_save = {n: p.detach().clone() for n, p in module.named_parameters()}
+    after_save = ({n: p.detach().clone() for n, p in module.named_parameters()}, opt.train_mode)
     reported = trainer.validate(module, _loaders()[1], verbose=False)[0]["val_loss"]
-    _, _, resumed = _fit(root, "resumed", resume=os.path.join(root, "run", "step=3.ckpt"))
+    _, _, resumed = _fit(root, "resumed", resume=os.path.join(root, "run", "step=3.ckpt"))  # end of epoch 1
+    _, _, resumed_mid = _fit(root, "resumed_mid", resume=os.path.join(root, "run", "step=4.ckpt"))  # mid-epoch
     if rank != 0:
         return {}
 
     def load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    return {"at": recorder.at, "reported": reported, "resumed_end": resumed.at[STEPS], "y_after_save": y_after_save,
+    return {"at": recorder.at, "reported": reported, "resumed_end": resumed.at[STEPS], "after_save": after_save,
+            "resumed_mid_end": resumed_mid.at[STEPS],
             "ckpt3": load(os.path.join(root, "run", "step=3.ckpt")), "manual": load(os.path.join(root, "manual.ckpt")),
             "manual_train": load(os.path.join(root, "manual_train.ckpt"))}
 
@@ -155,9 +176,15 @@ def test_checkpoints_hold_x_with_eval_mode_state(runs):
         ckpt = runs[key]
         _close(ckpt["state_dict"], _x_of(*runs["at"][step]), key)
         assert all(g["train_mode"] is False for g in ckpt["optimizer_states"][0]["param_groups"]), key
-    _close(runs["y_after_save"], runs["at"][STEPS][0], "y back in the model after a save in train mode")
+    weights, mode = runs["after_save"]  # a save in train mode leaves x in the model until the next batch
+    assert mode is False
+    _close(weights, _x_of(*runs["at"][STEPS]), "the model after a save in train mode")
 
 
-def test_resume_from_an_end_of_epoch_checkpoint_continues_the_trajectory(runs):
-    _close(runs["resumed_end"][0], runs["at"][STEPS][0], "y")
-    _close(runs["resumed_end"][1], runs["at"][STEPS][1], "z")
+@pytest.mark.parametrize("key", ["resumed_end", "resumed_mid_end"])
+def test_resume_continues_the_trajectory_bitwise(runs, key):
+    """From the end of epoch 1 (step 3) and from the middle of epoch 2 (step 4, the loader's place restored)."""
+    for got, want, what in zip(runs[key], runs["at"][STEPS], "yz"):
+        assert set(got) == set(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"{key}: {what} of {name}"

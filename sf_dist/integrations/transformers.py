@@ -42,6 +42,8 @@ class ScheduleFreeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
+        """Refuse a decaying schedule; bind the optimizer to the model Trainer passes (under FSDP the wrapped
+        root: Trainer sets ``trainer.model`` to it before this event), so its bare eval()/train() reach it."""
         schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
         if schedule not in CONSTANT_SCHEDULES and not self.allow_decaying_lr:
             raise ValueError(
