@@ -235,3 +235,10 @@ def test_first_nonfinite_finds_every_position_and_dtype(kernel, monkeypatch):
                     assert guard.first_nonfinite(poisoned) == i, (dtype, n, pos, bad)
         big = [torch.full((8,), 6e4, dtype=torch.float16)]  # large but finite: no false alarm
         assert guard.first_nonfinite(big) is None
+    # several bad tensors, their blocks spread over the threads: the first one in list order wins
+    ts = [torch.zeros(300_000), torch.zeros(5), torch.zeros(300_000), torch.zeros(7)]
+    for bad, want in (({0: -1, 3: 0}, 0), ({2: 0, 1: 4, 3: 6}, 1), ({3: 6, 2: 299_999}, 2)):
+        poisoned = [t.clone() for t in ts]
+        for i, pos in bad.items():
+            poisoned[i][pos] = float("nan")
+        assert guard.first_nonfinite(poisoned) == want, bad
