@@ -25,12 +25,13 @@ TOL = {torch.float64: dict(rtol=1e-5, atol=1e-6), torch.float32: dict(rtol=1e-5,
 @pytest.fixture
 def tk(monkeypatch):
     """sf_dist.kernels.triton re-imported under the interpreter and taken for CPU tensors; the small
-    CHUNK/BLOCK keep the interpreter quick and make the 150-element tensor span three programs."""
+    CHUNK/BLOCK keep the interpreter quick and make the 150-element tensor span three programs (one
+    block each: the interpreter's cost grows with blocks; the bf16 test below runs two per program)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     module = importlib.reload(importlib.import_module("sf_dist.kernels.triton"))
     monkeypatch.setattr(module, "available", lambda device: True)
     monkeypatch.setattr(module, "CHUNK", 64)
-    monkeypatch.setattr(module, "BLOCK", 32)
+    monkeypatch.setattr(module, "BLOCK", 64)
     monkeypatch.setattr(kernels, "_on_cpu_kernel", lambda t: False)  # fused=True leaves the C++ kernel
     calls = []
     step = module.step_
@@ -85,13 +86,13 @@ def test_matches_schedulefree_through_train_and_eval(kind, dtype, path, tk, monk
         ours = OURS[kind](ps[0], fused=True, nonfinite="skip" if path == "sync-free" else "ignore", **hp)
         theirs = THEIRS[kind](ps[1], **hp)
         ours.train(), theirs.train()
-        _run([ours, theirs], ps, 10)
+        _run([ours, theirs], ps, 6)
         what = f"{kind} {dtype} {path} {hp}"
         _close(ps[0], ps[1], f"train y, {what}", **TOL[dtype])
         ours.eval(), theirs.eval()
         _close(ps[0], ps[1], f"eval x, {what}", **TOL[dtype])
         ours.train(), theirs.train()
-        _run([ours, theirs], ps, 3, start=10)
+        _run([ours, theirs], ps, 2, start=6)
         _close(ps[0], ps[1], f"y after eval->train, {what}", **TOL[dtype])
         mine, ref = ours.state_dict()["param_groups"][0], theirs.state_dict()["param_groups"][0]
         for key in ("k", "lr_max", "weight_sum", "scheduled_lr"):
@@ -109,7 +110,7 @@ def test_every_decay_at_matches_the_oracle(kind, decay_at, tk, monkeypatch):
     ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
     ours, oracle = OURS[kind](ps[0], fused=True, **hp), ReferenceScheduleFree(ps[1], kind=kind, **hp)
     ours.train(), oracle.train()
-    _run([ours, oracle], ps, 10)
+    _run([ours, oracle], ps, 6)
     _close(ps[0], ps[1], f"train y, {kind} {decay_at}", rtol=1e-5, atol=1e-6)
     ours.eval(), oracle.eval()
     _close(ps[0], ps[1], f"eval x, {kind} {decay_at}", rtol=1e-5, atol=1e-6)
@@ -150,9 +151,11 @@ def test_skipped_step_is_bitwise_unchanged_and_continues_like_a_clean_run(kind, 
         assert torch.equal(a, b)
 
 
-def test_bf16_params_with_fp32_state_round_once(tk):
+def test_bf16_params_with_fp32_state_round_once(tk, monkeypatch):
     """bf16 y and g, fp32 z and v: the kernel computes in fp32 from float64 scalars and rounds each
-    stored value once, so y is within half a bf16 ulp of the float64 math and z, v within fp32's."""
+    stored value once, so y is within half a bf16 ulp of the float64 math and z, v within fp32's
+    (two blocks per program here, so the in-program loop is covered)."""
+    monkeypatch.setattr(importlib.import_module("sf_dist.kernels.triton"), "BLOCK", 32)
     s = StepScalars(lr=0.01, ckp1=0.3, y_coef=0.01 * (0.9 * 0.7 - 1), weight_decay=0.1, decay_at="y",
                     beta2=0.999, bias_correction2=1 - 0.999**3, eps=1e-8, normalize=True)
     gen = torch.Generator().manual_seed(3)
@@ -216,3 +219,38 @@ def test_strided_params_on_the_sync_free_fused_path(tk, monkeypatch):
     ours.eval(), theirs.eval()
     _close(ps[0], ps[1], "strided, eval x", rtol=1e-5, atol=1e-6)
     assert tk == [1] * 4  # the contiguous tensor alone went through Triton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inner_momentum_in_the_kernel_matches_the_oracle(dtype, tk, monkeypatch):
+    """AdamW inner_momentum > 0 through the Triton kernel (its m column), against the explicit oracle:
+    y, exp_avg, x after eval, y after eval->train; host scalars with decay at z and warmup, then the
+    sync-free path with decay_at="all", where a skipped step leaves m as it was."""
+    tol = dict(rtol=1e-5, atol=1e-6)
+    for path, hp in (("host scalars", dict(lr=0.01, inner_momentum=0.9, weight_decay=0.05, decay_at="z",
+                                           warmup_steps=3, r=0.5)),
+                     ("sync-free", dict(lr=0.02, inner_momentum=0.5, weight_decay=0.05, decay_at="all"))):
+        if path == "sync-free":
+            sync_free(monkeypatch)
+        init = _tensors(dtype, 6)
+        ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
+        ours = sf_dist.AdamWScheduleFree(ps[0], fused=True, nonfinite="skip" if path == "sync-free" else "ignore", **hp)
+        oracle = ReferenceScheduleFree(ps[1], kind="adamw", **hp)
+        ours.train(), oracle.train()
+        _run([ours, oracle], ps, 6)
+        what = f"{dtype} {path} {hp}"
+        _close(ps[0], ps[1], f"train y, {what}", **tol)
+        if path == "sync-free":
+            m = [ours.state[p]["exp_avg"].clone() for p in ps[0]]
+            for p in ps[0]:
+                p.grad = torch.full_like(p, float("nan"))
+            ours.step()
+            assert ours.skipped_steps == 1 and all(torch.equal(a, ours.state[p]["exp_avg"]) for a, p in zip(m, ps[0]))
+        _close([ours.state[p]["exp_avg"] for p in ps[0]], [oracle.state[q]["m"] for q in ps[1]], f"exp_avg, {what}",
+               **tol)
+        ours.eval(), oracle.eval()
+        _close(ps[0], ps[1], f"eval x, {what}", **tol)
+        ours.train(), oracle.train()
+        _run([ours, oracle], ps, 2, start=6)
+        _close(ps[0], ps[1], f"y after eval->train, {what}", **tol)
+    assert tk and set(tk) == {4, 5}

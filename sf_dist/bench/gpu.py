@@ -4,8 +4,8 @@
 
 Sections, each printing PASS/FAIL lines or figures (about 2-4 minutes on one H100/H200):
 1. numerics: the default (Triton) kernel against sf_dist's foreach path and schedulefree 1.4.1 on
-   CUDA, AdamW/SGD/RAdam, every decay_at, in float64 (rtol 1e-5) and float32 (the reference's
-   rtol 1e-5/atol 1e-6), through train -> eval -> train.
+   CUDA, AdamW/SGD/RAdam, every decay_at (and AdamW's inner momentum, against the explicit oracle), in
+   float64 (rtol 1e-5) and float32 (the reference's rtol 1e-5/atol 1e-6), through train -> eval -> train.
 2. step time at about ``--params`` parameters in 4096x4096 tensors: torch AdamW fused (the anchor),
    sf_dist default, sf_dist without the check, sf_dist foreach, schedulefree foreach; fp32, and bf16
    params (state as each optimizer makes it); plus the sf_dist kernel alone on bf16 params with fp32
@@ -45,9 +45,11 @@ def check(ok: bool, what: str) -> None:
         FAILED.append(what)
 
 
-def _hp(kind: str, decay_at: str) -> dict:
+def _hp(kind: str, decay_at: str, inner_momentum: float = 0.0) -> dict:
     lr = 0.5 if kind == "sgd" else 0.01
     hp = dict(lr=lr, weight_decay=0.05, r=0.5, weight_lr_power=2.0, decay_at=decay_at)
+    if inner_momentum:
+        hp["inner_momentum"] = inner_momentum
     if kind != "radam":
         hp["warmup_steps"] = 4
     return hp
@@ -65,11 +67,11 @@ def numerics(device: torch.device) -> None:
     print("1. numerics on", torch.cuda.get_device_name(device))
     for dtype in (torch.float64, torch.float32):
         for kind in OURS:
-            for decay_at in ("y", "z", "all"):
+            for decay_at, mu in [("y", 0.0), ("z", 0.0), ("all", 0.0)] + ([("z", 0.9)] if kind == "adamw" else []):
                 gen = torch.Generator().manual_seed(0)
                 init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
                 ps = [[t.to(device, copy=True).requires_grad_() for t in init] for _ in range(3)]
-                hp = _hp(kind, decay_at)
+                hp = _hp(kind, decay_at, mu)
                 ref = (theirs[kind](ps[2], **{k: v for k, v in hp.items() if k != "decay_at"}) if decay_at == "y"
                        else ReferenceScheduleFree(ps[2], kind=kind, **hp))
                 opts = [OURS[kind](ps[0], **hp), OURS[kind](ps[1], foreach=True, **hp), ref]
@@ -90,7 +92,7 @@ def numerics(device: torch.device) -> None:
                                 err = ((a - b).abs() / (1e-6 + 1e-5 * b.abs())).max()
                                 worst[j] = max(worst[j], float(err.detach()))
                 ok = max(worst) <= 1.0
-                check(ok, f"{str(dtype)[6:]:8s} {kind:5s} decay_at={decay_at}: default vs reference "
+                check(ok, f"{str(dtype)[6:]:8s} {kind:5s} decay_at={decay_at}{f' mu={mu}' if mu else ''}: default vs reference "
                           f"{worst[0]:.2f}, foreach vs reference {worst[1]:.2f} (of the tolerance)")
 
 

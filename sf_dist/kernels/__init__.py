@@ -174,18 +174,18 @@ def _masked_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Ten
 def _accelerator_step(indices: list[int], ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                       vs: list[Optional[Tensor]], s: StepScalars, ok: Optional[Tensor],
                       ms: list[Optional[Tensor]]) -> None:
-    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs (not yet with
-    inner momentum), else compiled (strided tensors, which only the sync-free path sends here, take
-    the eager update)."""
+    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs, else compiled
+    (strided tensors, which only the sync-free path sends here, take the eager update)."""
     if not indices:
         return
     c = _fused_constants(s, torch.float64, ys[indices[0]].device)
     module = _triton_kernels()
-    tri = [i for i in indices if module is not None and ms[i] is None and module.available(ys[i].device)
-           and module.supports(ys[i], grads[i], zs[i], vs[i])]
+    tri = [i for i in indices if module is not None and module.available(ys[i].device)
+           and module.supports(ys[i], grads[i], zs[i], vs[i], ms[i])]
     if tri:
         pick = lambda ts: [ts[i] for i in tri]
-        module.step_(pick(ys), pick(grads), pick(zs), None if vs[tri[0]] is None else pick(vs), c, ok)
+        module.step_(pick(ys), pick(grads), pick(zs), None if vs[tri[0]] is None else pick(vs), c, ok,
+                     None if ms[tri[0]] is None else pick(ms))
     for i in sorted(set(indices) - set(tri)):
         group = [ys[i], grads[i], zs[i]] + ([] if vs[i] is None else [vs[i]]) + ([] if ms[i] is None else [ms[i]])
         kind = "sgd" if vs[i] is None else "adam" if ms[i] is None else "adam_momentum"

@@ -5,7 +5,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -109,28 +113,44 @@ bool range_finite(const T* __restrict p, int64_t begin, int64_t end) {
   return sum == A(0);
 }
 
-// Index of the first tensor holding a NaN or Inf, -1 if none: one read pass, no temporaries.
-int64_t first_nonfinite(const std::vector<at::Tensor>& ts) {
+// Index of the first tensor holding a NaN or Inf, -1 if none: one read pass, no temporaries, in ONE
+// parallel region over blocks of every tensor (a region per tensor cost more than the reading on
+// lists of many 1 MB tensors, most of all when a thread was descheduled at a region's barrier), or
+// on the calling thread alone when `serial` (one small tensor, still in this core's cache).
+int64_t first_nonfinite(const std::vector<at::Tensor>& ts, bool serial) {
+  constexpr int64_t kBlock = 65536;
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (tensor, first element)
   for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "first_nonfinite needs contiguous CPU tensors");
-    bool finite = true;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "sf_first_nonfinite", [&] {
-      const scalar_t* p = t.data_ptr<scalar_t>();
-      finite = at::parallel_reduce(
-          0, t.numel(), 65536, true,
-          [p](int64_t begin, int64_t end, bool ok) { return ok && range_finite<scalar_t>(p, begin, end); },
-          [](bool a, bool b) { return a && b; });
-    });
-    if (!finite) return static_cast<int64_t>(i);
+    TORCH_CHECK(ts[i].is_contiguous() && ts[i].device().is_cpu(), "first_nonfinite needs contiguous CPU tensors");
+    for (int64_t start = 0; start < ts[i].numel(); start += kBlock) blocks.emplace_back(i, start);
   }
-  return -1;
+  std::atomic<int64_t> first{INT64_MAX};
+  const auto check = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [i, start] = blocks[b];
+      if (i >= first.load(std::memory_order_relaxed)) continue;  // an earlier tensor is already bad
+      const at::Tensor& t = ts[i];
+      const int64_t end = std::min(start + kBlock, t.numel());
+      bool finite = true;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "sf_first_nonfinite", [&] {
+        finite = range_finite<scalar_t>(t.const_data_ptr<scalar_t>(), start, end);
+      });
+      for (int64_t seen = first.load(); !finite && i < seen && !first.compare_exchange_weak(seen, i);) {
+      }
+    }
+  };
+  if (serial) {
+    check(0, static_cast<int64_t>(blocks.size()));
+  } else {
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, check);
+  }
+  return first == INT64_MAX ? -1 : first.load();
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sf_dist, m) {
-  m.def("first_nonfinite(Tensor[] tensors) -> int", &first_nonfinite);
+  m.def("first_nonfinite(Tensor[] tensors, bool serial=False) -> int", &first_nonfinite);
   m.def("fused_step(Tensor[] ys, Tensor[] grads, Tensor[] zs, Tensor[] exp_avg_sqs, Tensor[] exp_avgs, "
         "Tensor constants) -> ()", &step);
 }

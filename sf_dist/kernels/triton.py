@@ -1,6 +1,6 @@
 """The fused Schedule-Free step for CUDA as one Triton launch per dtype combination.
 
-One pass over memory per element (read y, g, z, v once; write y, z, v), a whole list of tensors
+One pass over memory per element (read y, g, z, v (and m) once; write y, z, v (and m)), a whole list of tensors
 per launch: each program finds its tensor and offset in a small table of pointers. The step's
 constants and the optional "do this step" flag are read on the device, so a launch needs no
 host value that changes per step (no sync; CUDA-graph capturable once the table is cached).
@@ -8,10 +8,10 @@ Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported)
 kernel on CPU tensors, which is how the tests check it without a GPU.
 
     >>> from sf_dist.kernels import triton as tk
-    >>> tk.step_(ys, grads, zs, exp_avg_sqs, constants, flag=None)   # constants: 11 values
+    >>> tk.step_(ys, grads, zs, exp_avg_sqs, constants, flag=None, exp_avgs=None)   # constants: 14 values
 
-An extra per-element buffer (for example a first moment) is one more table column and one more
-``HAS_*`` constexpr: the table layout is ``COLUMNS``.
+Each per-element buffer is one table column; the optional ones (v, and AdamW's inner momentum m)
+each have a ``HAS_*`` constexpr. The table layout is ``COLUMNS``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Table columns, one row per tensor; a row's pointers are raw addresses cast in the kernel.
-COLUMNS = ("y", "g", "z", "v", "numel")
+COLUMNS = ("y", "g", "z", "v", "m", "numel")
 CHUNK = 8192  # elements one program steps (a loop of BLOCK-wide vectors); not tuned on a GPU yet
 BLOCK = 1024
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
@@ -38,9 +38,9 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def supports(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor]) -> bool:
-    """Whether one tensor's (y, g, z, v) can go through the kernel: contiguous, non-empty, known dtypes."""
-    ts = [y, g, z] + ([] if v is None else [v])
+def supports(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor] = None) -> bool:
+    """Whether one tensor's (y, g, z, v, m) can go through the kernel: contiguous, non-empty, known dtypes."""
+    ts = [y, g, z] + [t for t in (v, m) if t is not None]
     return y.numel() > 0 and all(t.is_contiguous() and t.dtype in _TL and t.numel() == y.numel() for t in ts)
 
 
@@ -57,18 +57,19 @@ def _cast(x, D: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def _step_kernel(table, chunks, consts, flag, HAS_V: tl.constexpr, HAS_FLAG: tl.constexpr,
+def _step_kernel(table, chunks, consts, flag, HAS_V: tl.constexpr, HAS_M: tl.constexpr, HAS_FLAG: tl.constexpr,
                  P: tl.constexpr, G: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
                  P_BF16: tl.constexpr, S_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    row = table + 5 * t
+    row = table + 6 * t
     yp = tl.load(row).to(tl.pointer_type(P))
     gp = tl.load(row + 1).to(tl.pointer_type(G))
     zp = tl.load(row + 2).to(tl.pointer_type(S))
     vp = tl.load(row + 3).to(tl.pointer_type(S))
-    n = tl.load(row + 4)
+    mp = tl.load(row + 4).to(tl.pointer_type(S))
+    n = tl.load(row + 5)
     lr = tl.load(consts).to(C)
     ckp1 = tl.load(consts + 1).to(C)
     y_coef = tl.load(consts + 2).to(C)
@@ -80,6 +81,9 @@ def _step_kernel(table, chunks, consts, flag, HAS_V: tl.constexpr, HAS_FLAG: tl.
     inv_bc2 = tl.load(consts + 8).to(C)
     eps = tl.load(consts + 9).to(C)
     normalize = tl.load(consts + 10)
+    mu = tl.load(consts + 11).to(C)
+    one_minus_mu = tl.load(consts + 12).to(C)
+    inv_bc1 = tl.load(consts + 13).to(C)
     if HAS_FLAG:  # a skipped step masks every element: nothing is read or written
         n = tl.where(tl.load(flag) != 0, n, 0)
     for off in tl.static_range(0, CHUNK, BLOCK):
@@ -89,11 +93,15 @@ def _step_kernel(table, chunks, consts, flag, HAS_V: tl.constexpr, HAS_FLAG: tl.
         y0 = tl.load(yp + idx, mask=m, other=0.0).to(C) * shrink
         z0 = tl.load(zp + idx, mask=m, other=0.0).to(C) * shrink
         gn = g
+        if HAS_M:  # AdamW's inner momentum: the numerator is the bias-corrected EMA of g
+            m1 = tl.load(mp + idx, mask=m, other=0.0).to(C) * mu + g * one_minus_mu
+            tl.store(mp + idx, _cast(m1, S, S_BF16), mask=m)
+            gn = m1 * inv_bc1
         if HAS_V:
             v1 = tl.load(vp + idx, mask=m, other=0.0).to(C) * beta2 + g * g * one_minus_beta2
             tl.store(vp + idx, _cast(v1, S, S_BF16), mask=m)
             denom = tl.where(normalize != 0, tl.sqrt(v1 * inv_bc2) + eps, 1.0)
-            gn = g / denom
+            gn = gn / denom
         gn = gn + wd_y * y0 + wd_z * z0
         tl.store(yp + idx, _cast(y0 + ckp1 * (z0 - y0) + y_coef * gn, P, P_BF16), mask=m)
         tl.store(zp + idx, _cast(z0 - lr * gn, S, S_BF16), mask=m)
@@ -111,7 +119,7 @@ def _tables(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, 
     if hit is not None:
         _TABLES.move_to_end(key)
         return hit
-    chunks = [(i, start) for i, r in enumerate(rows) for start in range(0, r[4], CHUNK)]
+    chunks = [(i, start) for i, r in enumerate(rows) for start in range(0, r[-1], CHUNK)]
     host = [torch.tensor(rows, dtype=torch.int64), torch.tensor(chunks, dtype=torch.int64)]
     if device.type == "cuda":  # from pinned memory the upload is asynchronous: no host sync
         host = [t.pin_memory() for t in host]
@@ -123,10 +131,12 @@ def _tables(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, 
 
 
 def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
-          exp_avg_sqs: Optional[Sequence[Tensor]], constants: Tensor, flag: Optional[Tensor] = None) -> None:
-    """One fused step in place. ``constants``: the 11 float64 step values on the tensors' device,
-    [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize];
-    ``flag`` (0-dim, on the device): nonzero to step, zero to leave every tensor bitwise unchanged.
+          exp_avg_sqs: Optional[Sequence[Tensor]], constants: Tensor, flag: Optional[Tensor] = None,
+          exp_avgs: Optional[Sequence[Tensor]] = None) -> None:
+    """One fused step in place. ``constants``: the 14 float64 step values on the tensors' device,
+    [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize,
+    mu, 1-mu, 1/bias_correction1]; ``flag`` (0-dim, on the device): nonzero to step, zero to leave
+    every tensor bitwise unchanged; ``exp_avgs``: the inner momentum (needs ``exp_avg_sqs``).
     Every tensor must pass ``supports``."""
     if not ys:
         return
@@ -134,16 +144,18 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
     groups: dict[tuple, list[tuple[int, ...]]] = {}
     for i, (y, g, z) in enumerate(zip(ys, grads, zs)):
         v = None if exp_avg_sqs is None else exp_avg_sqs[i]
-        dtypes = (y.dtype, g.dtype, z.dtype, None if v is None else v.dtype)
-        groups.setdefault(dtypes, []).append(
-            (y.data_ptr(), g.data_ptr(), z.data_ptr(), 0 if v is None else v.data_ptr(), y.numel()))
-    for (p, g, s, v), rows in groups.items():
-        if v is not None and v != s:
-            raise ValueError(f"z is {s} but exp_avg_sq is {v}: the fused kernel needs one state dtype")
+        m = None if exp_avgs is None else exp_avgs[i]
+        dtypes = (y.dtype, g.dtype, z.dtype, None if v is None else v.dtype, None if m is None else m.dtype)
+        groups.setdefault(dtypes, []).append((y.data_ptr(), g.data_ptr(), z.data_ptr(), 0 if v is None else v.data_ptr(),
+                                              0 if m is None else m.data_ptr(), y.numel()))
+    for (p, g, s, v, m), rows in groups.items():
+        if any(d is not None and d != s for d in (v, m)) or (m is not None and v is None):
+            raise ValueError(f"z is {s}, exp_avg_sq {v}, exp_avg {m}: the fused kernel needs one state dtype "
+                             "(and exp_avg only beside exp_avg_sq)")
         table, chunks = _tables(rows, device)
         compute = tl.float64 if p == torch.float64 else tl.float32
         _step_kernel[(chunks.shape[0],)](
             table, chunks, constants, constants if flag is None else flag,
-            HAS_V=v is not None, HAS_FLAG=flag is not None, P=_TL[p], G=_TL[g], S=_TL[s], C=compute,
+            HAS_V=v is not None, HAS_M=m is not None, HAS_FLAG=flag is not None, P=_TL[p], G=_TL[g], S=_TL[s], C=compute,
             P_BF16=p == torch.bfloat16, S_BF16=s == torch.bfloat16, CHUNK=CHUNK, BLOCK=BLOCK)
 
