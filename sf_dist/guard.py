@@ -35,10 +35,9 @@ def first_nonfinite(grads: list[Tensor], known: Optional[list[Optional[bool]]] =
     return _scan(grads)
 
 
-def _scan(grads: list[Tensor], serial: bool = False) -> Optional[int]:
-    """``first_nonfinite`` of a list; ``serial``: on this thread alone, no parallel region (the C++ kernel)."""
+def _scan(grads: list[Tensor]) -> Optional[int]:
     if grads and all(g.device.type == "cpu" and g.is_contiguous() for g in grads) and kernels.cpu_kernel_error() is None:
-        index = torch.ops.sf_dist.first_nonfinite(grads, serial)  # 10x faster than an inf-norm on the CPU
+        index = torch.ops.sf_dist.first_nonfinite(grads)  # 10x faster than an inf-norm on the CPU
         return None if index < 0 else index
     nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]  # the inf-norm of nothing is undefined
     if not nonempty:
@@ -48,9 +47,6 @@ def _scan(grads: list[Tensor], serial: bool = False) -> Optional[int]:
     if bool(finite.all()):
         return None
     return nonempty[int((~finite).nonzero()[0])]
-
-
-SERIAL_CHECK = 1 << 20  # elements up to which a hook checks its gradient on the calling thread
 
 
 class CheckedGrads:
@@ -95,8 +91,7 @@ class CheckedGrads:
         if type(g) is not Tensor or g.device.type != "cpu" or not g.is_contiguous() or not self.active():
             self._seen.pop(p, None)
             return
-        serial = g.numel() <= SERIAL_CHECK  # in this core's cache: a parallel region would cost more
-        self._seen[p] = (weakref.ref(g), g._version, _scan([g], serial) is None)
+        self._seen[p] = (weakref.ref(g), g._version, _scan([g]) is None)
 
 
 def _record(ref: "weakref.ref[CheckedGrads]", p: Tensor) -> None:

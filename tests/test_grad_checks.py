@@ -28,7 +28,7 @@ def scanned(monkeypatch):
     """How many gradients each step() read in its own scan (a spy around guard's scan)."""
     counts = []
     scan = guard._scan
-    monkeypatch.setattr(guard, "_scan", lambda grads, serial=False: (counts.append(len(grads)), scan(grads, serial))[1])
+    monkeypatch.setattr(guard, "_scan", lambda grads: (counts.append(len(grads)), scan(grads))[1])
     return counts
 
 

@@ -242,4 +242,3 @@ def test_first_nonfinite_finds_every_position_and_dtype(kernel, monkeypatch):
         for i, pos in bad.items():
             poisoned[i][pos] = float("nan")
         assert guard.first_nonfinite(poisoned) == want, bad
-        assert torch.ops.sf_dist.first_nonfinite(poisoned, True) == want, bad  # on one thread, as the hooks run it

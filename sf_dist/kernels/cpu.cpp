@@ -115,9 +115,8 @@ bool range_finite(const T* __restrict p, int64_t begin, int64_t end) {
 
 // Index of the first tensor holding a NaN or Inf, -1 if none: one read pass, no temporaries, in ONE
 // parallel region over blocks of every tensor (a region per tensor cost more than the reading on
-// lists of many 1 MB tensors, most of all when a thread was descheduled at a region's barrier), or
-// on the calling thread alone when `serial` (one small tensor, still in this core's cache).
-int64_t first_nonfinite(const std::vector<at::Tensor>& ts, bool serial) {
+// lists of many 1 MB tensors, most of all when a thread was descheduled at a region's barrier).
+int64_t first_nonfinite(const std::vector<at::Tensor>& ts) {
   constexpr int64_t kBlock = 65536;
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (tensor, first element)
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -125,7 +124,7 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& ts, bool serial) {
     for (int64_t start = 0; start < ts[i].numel(); start += kBlock) blocks.emplace_back(i, start);
   }
   std::atomic<int64_t> first{INT64_MAX};
-  const auto check = [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto [i, start] = blocks[b];
       if (i >= first.load(std::memory_order_relaxed)) continue;  // an earlier tensor is already bad
@@ -138,19 +137,14 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& ts, bool serial) {
       for (int64_t seen = first.load(); !finite && i < seen && !first.compare_exchange_weak(seen, i);) {
       }
     }
-  };
-  if (serial) {
-    check(0, static_cast<int64_t>(blocks.size()));
-  } else {
-    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, check);
-  }
+  });
   return first == INT64_MAX ? -1 : first.load();
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sf_dist, m) {
-  m.def("first_nonfinite(Tensor[] tensors, bool serial=False) -> int", &first_nonfinite);
+  m.def("first_nonfinite(Tensor[] tensors) -> int", &first_nonfinite);
   m.def("fused_step(Tensor[] ys, Tensor[] grads, Tensor[] zs, Tensor[] exp_avg_sqs, Tensor[] exp_avgs, "
         "Tensor constants) -> ()", &step);
 }
