@@ -6,8 +6,7 @@ every rank raise or skip together instead of one rank raising while the others h
 
 from __future__ import annotations
 
-import weakref
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,20 +21,8 @@ EVAL_MODE_MESSAGE = ("step() called in eval mode: the params hold x, not y. Call
                      "before training steps (and optimizer.eval() before evaluating or saving).")
 
 
-def first_nonfinite(grads: list[Tensor], known: Optional[list[Optional[bool]]] = None) -> Optional[int]:
-    """Index of the first gradient holding a NaN or Inf, None if all are finite (one pass over them).
-
-    ``known[i]`` (from ``CheckedGrads.known``) is gradient i's finiteness when already checked, or None
-    to scan it."""
-    if known is not None:
-        bad = next((i for i, ok in enumerate(known) if ok is False), len(grads))
-        todo = [i for i in range(bad) if known[i] is None]
-        index = _scan([grads[i] for i in todo])
-        return todo[index] if index is not None else bad if bad < len(grads) else None
-    return _scan(grads)
-
-
-def _scan(grads: list[Tensor]) -> Optional[int]:
+def first_nonfinite(grads: list[Tensor]) -> Optional[int]:
+    """Index of the first gradient holding a NaN or Inf, None if all are finite (one pass over them)."""
     if grads and all(g.device.type == "cpu" and g.is_contiguous() for g in grads) and kernels.cpu_kernel_error() is None:
         index = torch.ops.sf_dist.first_nonfinite(grads)  # 10x faster than an inf-norm on the CPU
         return None if index < 0 else index
@@ -47,57 +34,6 @@ def _scan(grads: list[Tensor]) -> Optional[int]:
     if bool(finite.all()):
         return None
     return nonempty[int((~finite).nonzero()[0])]
-
-
-class CheckedGrads:
-    """Each CPU gradient checked for NaN/Inf by a post-accumulate-grad hook, as backward writes it and
-    while it is in cache, so that step() need not read it again.
-
-    A result counts only for the same gradient tensor at the same version counter (an in-place change,
-    accumulation, zero_grad or a new ``.grad`` voids it) and only while ``active()`` holds (the optimizer:
-    its check is on and no other rank can rewrite the gradient afterwards, e.g. by an all-reduce, which
-    does not move the counter). Gradients never seen by a hook are scanned at step() as before.
-    """
-
-    def __init__(self, active: Callable[[], bool]) -> None:
-        self.active = active
-        self._seen: dict[Tensor, tuple[weakref.ref, int, bool]] = {}  # param -> (its grad, version, finite)
-        self._hooked: set[int] = set()
-
-    def watch(self, params: Iterable[Tensor]) -> None:
-        """Hook every leaf param that requires grad (once; params without a hook are scanned)."""
-        ref = weakref.ref(self)
-        for p in params:
-            if id(p) not in self._hooked and isinstance(p, Tensor) and p.is_leaf and p.requires_grad:
-                p.register_post_accumulate_grad_hook(lambda q: _record(ref, q))
-                self._hooked.add(id(p))
-
-    def known(self, params: list[Tensor]) -> Optional[list[Optional[bool]]]:
-        """Per param, its gradient's finiteness as a hook checked it, or None where that no longer holds
-        (None in place of the list when nothing is to be trusted now)."""
-        if not self._seen or not self.active():
-            return None
-        out: list[Optional[bool]] = []
-        for p in params:
-            seen = self._seen.get(p)
-            g = p.grad
-            out.append(seen[2] if seen is not None and g is not None and seen[0]() is g and seen[1] == g._version
-                       else None)
-        return out
-
-    def record(self, p: Tensor) -> None:
-        """Check ``p.grad`` now (a plain, contiguous CPU tensor only) and remember the result."""
-        g = p.grad
-        if type(g) is not Tensor or g.device.type != "cpu" or not g.is_contiguous() or not self.active():
-            self._seen.pop(p, None)
-            return
-        self._seen[p] = (weakref.ref(g), g._version, _scan([g]) is None)
-
-
-def _record(ref: "weakref.ref[CheckedGrads]", p: Tensor) -> None:
-    checked = ref()
-    if checked is not None:
-        checked.record(p)
 
 
 def agree(*facts: bool, group: Optional[dist.ProcessGroup] = None) -> tuple[bool, ...]:

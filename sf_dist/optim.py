@@ -291,23 +291,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     and local(params[0]).device.type == "cpu" for group, params in zip(self.param_groups, active))
         return wants and kernels.cpu_kernel_error() is not None
 
-    def _checked_grads(self) -> guard.CheckedGrads:
-        """The hooks that check each CPU gradient as backward writes it (created on first use, so also
-        for an unpickled optimizer; params added since the last step are hooked here)."""
-        checked = self.__dict__.get("_grad_checks")
-        if checked is None:
-            checked = self.__dict__["_grad_checks"] = guard.CheckedGrads(
-                lambda: self.nonfinite != "ignore" and not guard.multi_rank(self.process_group))
-        checked.watch(p for group in self.param_groups for p in group["params"])
-        return checked
-
     def _agree(self, active: list[list[Tensor]], lacks_kernel: bool) -> tuple[bool, bool]:
         """Agree with every rank on mode, finiteness and the CPU kernel in one all-reduce.
 
         Returns (skip this step, some rank lacks the fused CPU kernel); raises where asked to.
         """
         flat = [p for params in active for p in params]
-        bad_index = guard.first_nonfinite([local(p.grad) for p in flat], self._checked_grads().known(flat))
+        bad_index = guard.first_nonfinite([local(p.grad) for p in flat])
         any_bad, any_eval, any_lacks = guard.agree(bad_index is not None, not self.train_mode, lacks_kernel,
                                                    group=self.process_group)
         if any_lacks and not lacks_kernel:
