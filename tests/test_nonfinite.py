@@ -115,6 +115,11 @@ def _ranks_agree(rank, world_size):
         out["error"] = str(e)
 
     opt.nonfinite = "skip"
+    opt.zero_grad()  # a backward each rank finds finite, then summed by hand into an Inf: the step must see it
+    (model[2].bias * 1e308).sum().backward()
+    dist.all_reduce(model[2].bias.grad)
+    opt.step()
+    out["overflow_skipped"] = opt.skipped_steps - out["skipped"]
     if rank == 1:
         opt.eval()
     _grads(model, 3)
@@ -130,6 +135,7 @@ def test_ranks_skip_raise_and_refuse_together():
     r0, r1 = run_distributed(_ranks_agree, 2)
     assert r0["skipped"] == r1["skipped"] == 1 and r0["unchanged"] and r1["unchanged"]
     assert r0["k"] == r1["k"] == 1
+    assert r0["overflow_skipped"] == r1["overflow_skipped"] == 1
     assert "on another rank" in r0["error"] and "param_groups[0]['params'][2]" in r1["error"]
     assert "another rank is in eval mode" in r0["mode"]
     assert "Call optimizer.train()" in r1["mode"]

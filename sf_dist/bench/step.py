@@ -9,10 +9,9 @@ Lists: "square" is 64 tensors of 512x512 (16.8M params); "gpt2" is GPT-2 small's
 (124M params, the tied embedding counted once). Every optimizer gets its own copy of the same
 tensors and gradient buffers; steps are interleaved round-robin and each optimizer's median and
 minimum are reported, with ratios against torch.optim.AdamW(fused=True) from the same rounds.
-Gradients either are copied into ``.grad`` before each step ("set": no hook sees them, so sf_dist
-scans them in step()) or come from a real backward of ``sum((p * w).sum())``, which writes each
-gradient once ("backward": sf_dist checks each one in a post-accumulate-grad hook, so the check's
-cost moves into backward); that mode prints the step alone and backward + step.
+Gradients either are copied into ``.grad`` before each step ("set") or come from a real backward of
+``sum((p * w).sum())``, which writes each gradient once ("backward"); that mode prints the step
+alone and backward + step, so any cost moved into backward shows.
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lists", nargs="+", default=list(LISTS), choices=list(LISTS))
     parser.add_argument("--grads", nargs="+", default=["set", "backward"], choices=["set", "backward"],
-                        help="set: copied into .grad before each step; backward: from a real backward (hooks fire)")
+                        help="set: copied into .grad before each step; backward: from a real backward")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
