@@ -48,16 +48,16 @@ def _assert_unbiased(got, x):
 
 
 def _values():
-    """2000 float32 values of both signs and many magnitudes, and 4096 rounds of each."""
+    """1000 float32 values of both signs and many magnitudes, and 4096 rounds of each."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(2000, generator=gen) * torch.logspace(-6, 6, 2000), 4096
+    return torch.randn(1000, generator=gen) * torch.logspace(-6, 6, 1000), 4096
 
 
 SPECIAL = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
 
 
 def test_rounding_is_unbiased():
-    """stochastic_round_ (the per-tensor, foreach and accelerator paths) on 2000 values x 4096 rounds."""
+    """stochastic_round_ (the per-tensor, foreach and accelerator paths) on 1000 values x 4096 rounds."""
     x, reps = _values()
     src = x.repeat(reps, 1)
     dst = torch.empty_like(src, dtype=torch.bfloat16)
@@ -85,7 +85,7 @@ def _kernel_step(g, seed, threads=None):
 
 
 def test_fused_kernel_rounds_in_its_pass_unbiased_and_deterministic():
-    """The C++ CPU kernel rounds bf16 z, v and m in its one pass: each unbiased (2000 values x 4096
+    """The C++ CPU kernel rounds bf16 z, v and m in its one pass: each unbiased (1000 values x 4096
     rounds), NaN/Inf kept; the same seed gives the same bits at 1 and 2 threads, another seed others."""
     if kernels.cpu_kernel_error() is not None:
         pytest.skip(f"the C++ CPU kernel does not build here: {kernels.cpu_kernel_error()}")
