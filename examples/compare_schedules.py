@@ -1,6 +1,7 @@
 """Schedule-Free AdamW and ScheduleFree+ against AdamW with warmup + cosine, warmup-stable-decay, constant lr.
 
-Each method's lr is picked from the same grid by the mean final validation loss over the seeds.
+Each method's lr is picked from the same grid by the mean final validation loss over the seeds
+(or over ``--tune-seeds`` alone; the other seeds then run at the picked lr only).
 Reported: final validation loss (mean, spread), validation loss at 25/50/75% of the budget from
 the full-budget run (the "anytime" view), cosine restarted with each shorter budget (what cosine
 needs for the same number), wall time, and a plot. Single-process runs, ``--jobs`` in parallel.
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plus-lrs", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
                    help="ScheduleFree+'s grid: its lr multiplies the Polyak step size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation and data order)")
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=None,
+                   help="seeds the lr grid runs on (default: all); the rest run at each method's picked lr")
+    p.add_argument("--no-restart", action="store_true", help="skip cosine restarted with 25/50/75%% of the budget")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay, for every method")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup, as a fraction of each run's budget")
@@ -132,13 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs, initializer=_init_worker) as pool:
+        tune = args.tune_seeds or args.seeds
         grid = _run_all(pool, [job(m, lr, s, args.steps, marks) for m in args.methods for lr in _lrs(args, m)
-                               for s in args.seeds], "lr grid")
+                               for s in tune], "lr grid")
         final = {(r["method"], r["lr"]): [] for r in grid}
         for r in grid:
             final[(r["method"], r["lr"])].append(r["curve"][args.steps])
         best_lr = {m: min(_lrs(args, m), key=lambda lr: statistics.fmean(final[(m, lr)])) for m in args.methods}
-        short = [round(args.steps * f) for f in FRACTIONS[:-1]] if "adamw_cosine" in args.methods else []
+        grid += _run_all(pool, [job(m, best_lr[m], s, args.steps, marks) for m in args.methods
+                                for s in args.seeds if s not in tune], "other seeds at the picked lr")
+        short = [round(args.steps * f) for f in FRACTIONS[:-1]] if "adamw_cosine" in args.methods and not args.no_restart else []
         restarted = _run_all(pool, [job("adamw_cosine", best_lr["adamw_cosine"], s, b, [b]) for b in short for s in args.seeds],
                              "cosine restarted per budget")
     total_s = time.perf_counter() - started
@@ -180,7 +187,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
     """Markdown tables: tuned lr, loss at each fraction of the budget, grid, restarted cosine."""
     fr = [str(round(args.steps * f)) for f in FRACTIONS]
     lines = [f"Validation loss (nats/byte; Schedule-Free at x), mean ± std [min, max] over seeds {args.seeds}; "
-             f"{args.steps} steps, lr grid {args.lrs}, warmup {args.warmup_frac:.0%}, betas (0.9, {args.beta2}).", "",
+             f"{args.steps} steps, lr grid {args.lrs}, warmup {args.warmup_frac:.0%}, betas (0.9, {args.beta2})"
+             + (f"; lr picked on seeds {args.tune_seeds}." if args.tune_seeds else "."), "",
              "| method | lr | " + " | ".join(f"step {s} ({f:.0%})" for s, f in zip(fr, FRACTIONS)) + " | train s/run |",
              "|---|---|" + "---|" * len(fr) + "---|"]
     for m, r in results["methods"].items():
@@ -193,7 +201,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"| {METHODS[m]}, evaluated at y (train weights) | {r['lr']:g} | "
                          + " | ".join(_fmt(r["at_y"][s]) for s in fr) + " | |")
     width = max(len(_lrs(args, m)) for m in results["methods"])
-    lines += ["", "Final validation loss over the lr grid (mean ± std over seeds; ScheduleFree+ on --plus-lrs):", "",
+    lines += ["", f"Final validation loss over the lr grid (mean ± std over seeds {args.tune_seeds or args.seeds}; "
+              "ScheduleFree+ on --plus-lrs):", "",
               "| method | " + " | ".join(f"grid lr {i + 1}" for i in range(width)) + " |", "|---|" + "---|" * width]
     for m, r in results["methods"].items():
         lines.append(f"| {METHODS[m]} | " + " | ".join(f"lr {lr:g}: {r['grid_final'][str(lr)]['mean']:.4f} ± "

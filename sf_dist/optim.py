@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import guard, kernels
 from .distributed import rank
-from .kernels.rounding import STATE_DTYPES, stochastic_round_
+from .kernels.rounding import STATE_DTYPES
 from .schedule import DECAY_AT, StepScalars, advance_average, radam_rectification, warmup_factor
 
 try:
@@ -229,8 +229,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     ok: Optional[Tensor] = None) -> None:
         """Step ``params`` of ``group`` (creating their state) and advance the group's average.
 
-        State kept narrower than the params (``state_dtype``) is stepped on widened copies, then
-        rounded back stochastically; ``ok`` is the sync-free path's device flag."""
+        State kept narrower than the params (``state_dtype``) is rounded back stochastically by the
+        kernels, from this optimizer's own random stream; ``ok`` is the sync-free path's device flag."""
         keys = self.state_keys(group)
         ys, grads, zs, moments = [], [], [], {key: [] for key in keys}
         for p in params:
@@ -243,20 +243,10 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         s = self.scalars(group)  # also records this step's weight_sum, lr_max and scheduled_lr
         if not ys:
             return
-        narrow = [i for i, y in enumerate(ys) if zs[i].dtype != y.dtype]  # state_dtype=torch.bfloat16
-        stored = [zs, *moments.values()]
-        if narrow:
-            wide = [list(ts) for ts in stored]
-            for ts in wide:
-                for i in narrow:
-                    ts[i] = ts[i].to(ys[i].dtype)
-            zs, moments = wide[0], dict(zip(moments, wide[1:]))
+        narrow = next((y for y, z in zip(ys, zs) if z.itemsize < y.itemsize), None)  # state_dtype=torch.bfloat16
         kernels.step_(ys, grads, zs, moments.get("exp_avg_sq"), s, impl=_pick_impl(group, ys, cpu_default), ok=ok,
-                      exp_avgs=moments.get("exp_avg"))
-        if narrow:  # a skipped sync-free step rounds back the unchanged widened values: exact
-            gen = self._rounding_generator(ys[narrow[0]].device)
-            for ts, ws in zip(stored, wide):
-                stochastic_round_([ts[i] for i in narrow], [ws[i] for i in narrow], gen)
+                      exp_avgs=moments.get("exp_avg"),
+                      generator=None if narrow is None else self._rounding_generator(narrow.device))
 
     def _sync_free_device(self, active: list[list[Tensor]]) -> Optional[torch.device]:
         """The accelerator to step on without host syncs (nonfinite="skip", grads off the CPU), else None."""

@@ -20,6 +20,8 @@ from .schedule import advance_average
 
 __all__ = ["ScheduleFreeWrapper", "register_elementwise", "ELEMENTWISE_BASES"]
 
+BASE = "base."  # prefix of the base optimizer's entries in the wrapper's state dict
+
 # Bases whose step treats every element on its own (state and update), so stepping a shard equals
 # stepping the whole tensor and keeping the shard: any of them may run on sharded params.
 ELEMENTWISE_BASES: set[type] = {
@@ -145,18 +147,59 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         return loss
 
     # ---- state -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create z and the base's own state for every param that lacks them, without stepping the
+        run: the base takes one step at lr 0 on zero gradients for those params alone (torch's
+        optimizers create their state lazily), and their values are put back afterwards."""
+        super().init_state()
+        missing = [p for g in self.base.param_groups for p in g["params"] if not self.base.state.get(p)]
+        if not missing:
+            return
+        grads = {p: p.grad for g in self.base.param_groups for p in g["params"]}
+        lrs = [g["lr"] for g in self.base.param_groups]
+        values = [local(p).clone() for p in missing]
+        try:
+            for p in grads:
+                p.grad = None
+            for p in missing:
+                p.grad = torch.zeros_like(p)
+            for g in self.base.param_groups:
+                g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], Tensor) else 0.0
+            self.base.step()
+        finally:
+            for p, v in zip(missing, values):
+                local(p).copy_(v)
+            for p, grad in grads.items():
+                p.grad = grad
+            for g, lr in zip(self.base.param_groups, lrs):
+                g["lr"] = lr
+
     def state_dict(self) -> dict[str, Any]:
-        """z and the counters (ours) beside the base's own state dict, under ``"base"``."""
-        return {**super().state_dict(), "base": self.base.state_dict()}
+        """One torch-style state dict: per param z and the base's state, per group ours and the
+        base's values, the base's keys prefixed ``"base."`` (so DCP and torch's state-dict helpers
+        see an ordinary optimizer)."""
+        ours, base = super().state_dict(), self.base.state_dict()
+        for i, s in base["state"].items():
+            ours["state"].setdefault(i, {}).update({f"{BASE}{k}": v for k, v in s.items()})
+        for group, base_group in zip(ours["param_groups"], base["param_groups"]):
+            group.update({f"{BASE}{k}": v for k, v in base_group.items() if k != "params"})
+        return ours
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict() of this class; a dict without ``"base"`` is refused with the reason."""
-        if "base" not in state_dict:
-            raise ValueError("this state dict has no 'base' entry: it is not a ScheduleFreeWrapper.state_dict() "
+        """Load a state_dict() of this class; a dict without the base's entries is refused with the reason."""
+        groups = state_dict["param_groups"]
+        if not all(any(k.startswith(BASE) for k in g) for g in groups):
+            raise ValueError("this state dict has no 'base.' entries: it is not a ScheduleFreeWrapper.state_dict() "
                              "(schedulefree's wrapper saves only the base's, with z inside it)")
-        rest = {k: v for k, v in state_dict.items() if k != "base"}
-        self.base.load_state_dict(state_dict["base"])
-        super().load_state_dict(rest)
+        split = [{i: {k: v for k, v in s.items() if k.startswith(BASE) == mine} for i, s in state_dict["state"].items()}
+                 for mine in (True, False)]
+        base = {"state": {i: {k[len(BASE):]: v for k, v in s.items()} for i, s in split[0].items() if s},
+                "param_groups": [{"params": g["params"], **{k[len(BASE):]: v for k, v in g.items() if k.startswith(BASE)}}
+                                 for g in groups]}
+        self.base.load_state_dict(base)
+        super().load_state_dict({"state": {i: s for i, s in split[1].items() if s},
+                                 "param_groups": [{k: v for k, v in g.items() if not k.startswith(BASE)} for g in groups]})
 
 
 def _swap(a: Tensor, b: Tensor) -> None:

@@ -6,6 +6,8 @@ runs here with the base state filled in advance, as the reference's own test avo
 Sharded runs (FSDP2 W=2,3 uneven, FSDP1, DDP, ZeroScheduleFree) equal one process on the full batch.
 """
 
+import os
+
 import pytest
 import schedulefree
 import torch
@@ -127,14 +129,14 @@ def test_lr_scheduler_on_the_base_is_honoured():
 
 def test_state_dict_round_trip():
     """Saved in eval mode at step 12, loaded into a fresh wrapper around a fresh base, 8 more steps:
-    equal to the uninterrupted 1.4.1 run; the base's own state travels under "base"."""
+    equal to the uninterrupted 1.4.1 run; the base's own state travels beside z, under "base." keys."""
     ps, ours, theirs = _pair("adamw", 0.1, 0.9, schedulefree.ScheduleFreeWrapper, seed=3)
     ours.train(), theirs.train()
     _run([ours, theirs], ps, 12)
     ours.eval()
     sd = ours.state_dict()
-    assert set(sd["base"]["state"][1]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert set(sd["state"][1]) == {"z"}
+    assert set(sd["state"][1]) == {"z", "base.step", "base.exp_avg", "base.exp_avg_sq"}
+    assert sd["param_groups"][0]["base.lr"] == BASES["adamw"][1]["lr"]
     fresh = [p.detach().clone().requires_grad_() for p in ps[0]]
     loaded = sf_dist.ScheduleFreeWrapper(torch.optim.AdamW(fresh, **BASES["adamw"][1]), weight_decay_at_y=0.1, r=0.5)
     loaded.load_state_dict(sd)
@@ -144,7 +146,7 @@ def test_state_dict_round_trip():
     loaded.train(), theirs.train()
     _run([loaded, theirs], [fresh, ps[1]], 8, start=12)
     _close(fresh, ps[1], "y 8 steps after load")
-    with pytest.raises(ValueError, match="no 'base' entry"):
+    with pytest.raises(ValueError, match="no 'base.' entries"):
         loaded.load_state_dict(theirs.state_dict())
 
 
@@ -239,7 +241,7 @@ class _Elementwise(torch.optim.SGD):
     """An optimizer the wrapper does not know: refused on shards until registered."""
 
 
-def _sharded_worker(rank, world):
+def _sharded_worker(rank, world, workdir):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.nn.parallel import DistributedDataParallel as DDP
     y_ref, x_ref = _reference()
@@ -249,10 +251,17 @@ def _sharded_worker(rank, world):
         "DDP": lambda: DDP(_model()),
         "FSDP1": lambda: _fsdp1(_model()),
     }
+    if world == 2:  # DCP's import costs each rank about a second: one world size checks the checkpoints
+        from sf_dist import checkpoint
+    path = os.path.join(workdir, "fsdp2")
     for name, build in cases.items():
         model = build()
         opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
-        mlp_case.run(model, opt, _data(), rank, world)
+        mlp_case.run(model, opt, _data()[:12], rank, world)
+        if name == "FSDP2" and world == 2:  # a checkpoint at step 12, in eval mode, resumed below
+            opt.eval()
+            checkpoint.save(path, model, opt)
+        mlp_case.run(model, opt, _data()[12:], rank, world)
         what = f"W={world} {name}"
         if name == "FSDP1":
             with FSDP.summon_full_params(model):
@@ -272,6 +281,14 @@ def _sharded_worker(rank, world):
     _check(model.state_dict(), y_ref, f"W={world} ZeroScheduleFree train y")
     opt.eval()
     _check(model.state_dict(), x_ref, f"W={world} ZeroScheduleFree eval x")
+    if world == 2:  # the FSDP2 checkpoint, resumed in a fresh model and wrapper (the base without state)
+        with pytest.raises(TypeError, match="ZeroScheduleFree around a ScheduleFreeWrapper"):
+            checkpoint.save(os.path.join(workdir, "zero"), model, opt)
+        model = _fsdp2(_model(), world)
+        opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
+        checkpoint.load(path, model, opt)
+        mlp_case.run(model, opt, _data()[12:], rank, world)
+        _check(model.state_dict(), y_ref, f"W={world} FSDP2 resumed from sf_dist.checkpoint, train y")
     # refusals on shards: a base that is not elementwise (Adafactor), one that is unknown
     refused = []
     for name, build in (("FSDP2", lambda: _fsdp2(_model(), world)), ("FSDP1", lambda: _fsdp1(_model()))):
@@ -291,21 +308,48 @@ def _sharded_worker(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_equals_one_process(world):
+def test_sharded_equals_one_process(world, tmp_path):
     """FSDP2 (uneven shards), DDP, FSDP1 and ZeroScheduleFree around Adam equal 1.4.1's wrapper on
-    one process over 20 full batches (y, and x through the eval API); shards refuse Adafactor and
-    an unregistered optimizer, naming it and the fix."""
-    results = run_distributed(_sharded_worker, world)
+    one process over 20 full batches (y, and x through the eval API), FSDP2 at W=2 also when resumed
+    from an sf_dist.checkpoint at step 12 (ZeroScheduleFree around the wrapper is refused there); shards
+    refuse Adafactor and an unregistered optimizer, naming it and the fix."""
+    results = run_distributed(_sharded_worker, world, str(tmp_path))
     want = [(b, o) for b in ("FSDP2", "FSDP1") for o in ("Adafactor", "_Elementwise")]
     for rank, refused in enumerate(results):
         assert refused == want, (rank, refused)
 
 
-def test_dcp_checkpoint_refuses_the_wrapper_with_the_reason(tmp_path):
-    """sf_dist.checkpoint would lose the base's lazily created state on load: refused, nothing written."""
-    import sf_dist.checkpoint
-    model = nn.Linear(4, 2).double()
-    opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), lr=0.01))
-    with pytest.raises(TypeError, match="torch.save"):
-        sf_dist.checkpoint.save(tmp_path / "ckpt", model, opt)
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
+def _wrapped_linear(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return model, sf_dist.ScheduleFreeWrapper(torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1),
+                                              weight_decay_at_y=0.01)
+
+
+def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path):
+    """sf_dist.checkpoint.save in eval mode at step 12, load into a fresh model and wrapper (the base
+    has no state yet): x in the params, the base's state and lr back, 8 more steps bitwise equal to
+    the uninterrupted run; the offline export gives x."""
+    import safetensors.torch
+    from sf_dist import checkpoint
+    from sf_dist.checkpoint.offline import export_checkpoint
+
+    data = mlp_case.batches(11) + mlp_case.batches(12)[:4]
+    model, opt = _wrapped_linear()
+    mlp_case.run(model, opt, data[:12])
+    opt.eval()
+    checkpoint.save(tmp_path / "ckpt", model, opt, extra={"step": 12})
+    x = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, loaded = _wrapped_linear(seed=1)
+    assert checkpoint.load(tmp_path / "ckpt", fresh, loaded) == {"step": 12}
+    assert not loaded.train_mode and loaded.param_groups[0]["k"] == 12
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in x.items())
+    p, q = model[0].weight, fresh[0].weight
+    assert set(loaded.base.state[q]) == {"step", "exp_avg", "exp_avg_sq"} and "z" not in loaded.base.state[q]
+    assert all(torch.equal(loaded.base.state[q][k], opt.base.state[p][k]) for k in opt.base.state[p])
+    mlp_case.run(model, opt, data[12:])
+    mlp_case.run(fresh, loaded, data[12:])
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "x.safetensors"))
+    exported = safetensors.torch.load_file(str(tmp_path / "x.safetensors"))
+    assert exported.keys() == x.keys() and all(torch.equal(exported[k], v) for k, v in x.items())

@@ -155,11 +155,10 @@ def verify(path: str | os.PathLike) -> None:
 
 # ---- saving ------------------------------------------------------------------------------------
 def _checked_path(path: str | os.PathLike, model: Any, optimizer: Any) -> str:
-    if isinstance(optimizer, ScheduleFreeWrapper) or isinstance(getattr(optimizer, "inner", None),
-                                                                 ScheduleFreeWrapper):
-        raise TypeError("sf_dist.checkpoint does not take a ScheduleFreeWrapper yet: its base optimizer creates "
-                        "its state lazily, so a DCP load could not know the base's keys and would drop them. "
-                        "Save wrapper.state_dict() (and the model) with torch.save on each rank instead")
+    if isinstance(getattr(optimizer, "inner", None), ScheduleFreeWrapper):
+        raise TypeError("sf_dist.checkpoint does not take a ZeroScheduleFree around a ScheduleFreeWrapper yet: "
+                        "its buckets hold z but not the base optimizer's state, which would be dropped. It takes the "
+                        "wrapper on a plain, DDP, FSDP1 or FSDP2 model, and ZeroScheduleFree with a built-in class")
     if is_deepspeed(model):
         raise TypeError("sf_dist.checkpoint does not handle DeepSpeed engines: use engine.save_checkpoint() / "
                         "engine.load_checkpoint() (see docs/deepspeed.md)")

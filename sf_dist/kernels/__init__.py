@@ -8,6 +8,9 @@ run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths
     gn = g' / (sqrt(v/bc2) + eps)  if normalize else g'
     gn += wd*y (decay_at="y") or wd*z (decay_at="z");  decay_at="all": y, z *= 1-lr*wd first
     y  = lerp(y, z, ckp1) + y_coef*gn ;  z -= lr*gn
+
+State stored narrower than the params (bf16 z and moments under fp32/fp64 params) is rounded back
+stochastically: inside the one pass of the C++ CPU kernel, else on widened copies afterwards.
 """
 
 from __future__ import annotations
@@ -20,23 +23,40 @@ import torch
 from torch import Tensor
 
 from ..schedule import StepScalars
+from .rounding import stochastic_round_
 
 IMPLS = ("single", "foreach", "fused")
 
 
 def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
           exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single",
-          ok: Optional[Tensor] = None, exp_avgs: Optional[Sequence[Tensor]] = None) -> None:
+          ok: Optional[Tensor] = None, exp_avgs: Optional[Sequence[Tensor]] = None,
+          generator: Optional[torch.Generator] = None) -> None:
     """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``, ``exp_avgs``).
 
     ``ok`` (a 0-dim bool tensor on the tensors' device) selects the sync-free form: ``s`` may hold
     device tensors, and where ``ok`` is False every tensor is left bitwise unchanged. ``exp_avgs``
-    (the inner momentum) must be given exactly when ``s.inner_momentum > 0``.
+    (the inner momentum) must be given exactly when ``s.inner_momentum > 0``. ``generator`` is the
+    random stream of the stochastic rounding of bf16 state (on the tensors' device).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
     if (exp_avgs is not None) != (s.inner_momentum > 0):
         raise ValueError(f"exp_avgs must be given exactly when inner_momentum > 0 (got {s.inner_momentum})")
+    moments = [ts for ts in (exp_avg_sqs, exp_avgs) if ts is not None]
+    stored = [list(ts) for ts in (zs, *moments)]
+    in_kernel = {i for i in range(len(ys)) if impl == "fused" and ok is None
+                 and _rounds_in_cpu_kernel(ys[i], grads[i], [ts[i] for ts in stored])}
+    widened = [i for i in range(len(ys)) if zs[i].itemsize < ys[i].itemsize and i not in in_kernel]
+    if widened:  # stepped on copies in the params' dtype, rounded back below
+        wide = [list(ts) for ts in stored]
+        for ts in wide:
+            for i in widened:
+                ts[i] = ts[i].to(ys[i].dtype)
+        zs = wide[0]
+        exp_avg_sqs = None if exp_avg_sqs is None else wide[1]
+        exp_avgs = None if exp_avgs is None else wide[-1]
+    seed = _draw_seed(generator) if in_kernel else 0
     if ok is not None:
         _masked_step(ys, grads, zs, exp_avg_sqs, s, ok, fused=impl == "fused", exp_avgs=exp_avgs)
     elif impl == "single":
@@ -47,7 +67,22 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
         _foreach_step(list(ys), list(grads), list(zs), None if exp_avg_sqs is None else list(exp_avg_sqs), s,
                       None if exp_avgs is None else list(exp_avgs))
     else:
-        _fused_step(ys, grads, zs, exp_avg_sqs, s, exp_avgs)
+        _fused_step(ys, grads, zs, exp_avg_sqs, s, exp_avgs, seed)
+    if widened:  # a skipped sync-free step rounds back the unchanged widened values: exact
+        for ts, ws in zip(stored, wide):
+            stochastic_round_([ts[i] for i in widened], [ws[i] for i in widened], generator)
+
+
+def _rounds_in_cpu_kernel(y: Tensor, g: Tensor, state: list[Tensor]) -> bool:
+    """Whether the C++ CPU kernel steps this bf16 state under fp32/fp64 params in its one pass."""
+    return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64) and y.numel() > 0
+            and all(t.dtype == torch.bfloat16 for t in state)
+            and all(t.is_contiguous() for t in (y, g, *state)))
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    """One 62-bit seed from ``generator`` for the C++ kernel's counter-based rounding stream."""
+    return int(torch.randint(0, 1 << 62, (), generator=generator))
 
 
 def triton_available(device: torch.device) -> bool:
@@ -134,7 +169,7 @@ def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
 
 def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                 exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars,
-                exp_avgs: Optional[Sequence[Tensor]] = None) -> None:
+                exp_avgs: Optional[Sequence[Tensor]] = None, seed: int = 0) -> None:
     n = len(ys)
     vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
     ms = [None] * n if exp_avgs is None else list(exp_avgs)
@@ -148,7 +183,7 @@ def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tens
         _cpu_extension()
         torch.ops.sf_dist.fused_step(pick(ys), pick(grads), pick(zs), [] if exp_avg_sqs is None else pick(vs),
                                      [] if exp_avgs is None else pick(ms),
-                                     _fused_constants(s, torch.float64, torch.device("cpu")))
+                                     _fused_constants(s, torch.float64, torch.device("cpu")), seed)
     _accelerator_step([i for i in fusable if not _on_cpu_kernel(ys[i])], ys, grads, zs, vs, s, None, ms)
 
 
