@@ -139,7 +139,8 @@ def _engine(config: dict, **kwargs):
 def _fp32_worker(rank: int, world: int, ckpt_root: str) -> dict:
     """Every fp32 case in one spawn (each spawn costs seconds); the tests below read its results."""
     results = {stage: _stage_run(rank, stage, ckpt_root) for stage in (0, 1, 2, 3)}
-    for case in (_other_optimizers, _offload, _accumulation, _instance_with_frozen, _eval_step, _pass_through):
+    for case in (_other_optimizers, _offload, _accumulation, _instance_with_frozen, _eval_step, _pass_through,
+                 _gather_faults):
         results.update(case(rank, ckpt_root))
     return results
 
@@ -306,6 +307,47 @@ def _pass_through(rank: int, ckpt_root: str) -> dict:
     sched = _config(1, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 2}})
     engine, opt = _engine(sched, allow_scheduler=True)
     results["scheduler"] = type(engine.lr_scheduler).__name__
+    return results
+
+
+def _gather_faults(rank: int, ckpt_root: str) -> dict:
+    """An OOM on one rank while it prepares its part of x for save_eval_weights' gather (ZeRO-1/2's
+    fragment, ZeRO-3's partition) raises on both ranks, the next collective still pairs, and the
+    engine is left in train mode at y."""
+    import time
+
+    results = {}
+    for stage in (1, 3):
+        engine, opt = _engine(_config(stage))
+        opt.train()
+        _train(engine, rank, range(2))
+        y = sfds.engine_state_dict(engine)
+        name = "_partition_x" if stage == 3 else "_fragment_x"
+        original = getattr(ds_weights._XOf, name)
+        for failing in (0, 1):
+            calls = []
+
+            def failing_once(*args, **kwargs):
+                calls.append(1)
+                if rank == failing and len(calls) == 2:  # the second tensor, after a first went through
+                    raise MemoryError(f"injected OOM in {name} on rank {failing}")
+                return original(*args, **kwargs)
+
+            setattr(ds_weights._XOf, name, failing_once)
+            start = time.monotonic()
+            try:
+                sf_dist.save_eval_weights(engine, opt, os.path.join(ckpt_root, f"fault{stage}.safetensors"))
+                outcome = ("no error", "")
+            except BaseException as e:  # noqa: BLE001 - the test reads which type came out where
+                outcome = (type(e).__name__, str(e))
+            finally:
+                setattr(ds_weights._XOf, name, original)
+            seconds = time.monotonic() - start
+            paired = torch.tensor([float(rank + 1)])
+            dist.all_reduce(paired)
+            after = sfds.engine_state_dict(engine)
+            y_kept = all(torch.equal(v, y[k]) for k, v in after.items()) and after.keys() == y.keys()
+            results[("fault", stage, failing)] = (*outcome, seconds, paired.item(), opt.train_mode, y_kept)
     return results
 
 
@@ -547,6 +589,22 @@ def test_builtin_optimizer_and_allowed_scheduler_pass_through(fp32_runs):
     ranks, _ = fp32_runs
     assert ranks[0]["builtin"] == {"base": "AdamW", "has_train_mode": False}
     assert ranks[0]["scheduler"] == "WarmupLR"
+
+
+def test_a_failure_on_one_rank_during_the_export_gather_reaches_both_in_step(fp32_runs):
+    ranks, _ = fp32_runs
+    keys = [k for k in ranks[0] if isinstance(k, tuple) and k[0] == "fault"]
+    assert len(keys) == 4, keys
+    for key in keys:
+        failing = key[2]
+        for rank in (0, 1):
+            kind, message, seconds, paired, train_mode, y_kept = ranks[rank][key]
+            assert f"injected OOM in" in message and f"on rank {failing}" in message, (key, rank, message)
+            assert kind == ("MemoryError" if rank == failing else "RuntimeError"), (key, rank, kind)
+            if rank != failing:
+                assert message.startswith(f"rank {failing} could not gather x of"), (key, message)
+            assert seconds < 20 and paired == 3.0, (key, rank, seconds, paired)
+            assert train_mode is True and y_kept, (key, rank)
 
 
 @pytest.fixture(scope="module")

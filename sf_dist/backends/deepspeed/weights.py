@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
+from ...distributed import every_rank_io, rank0_io
 from ...optim import ScheduleFreeOptimizer
 
 __all__ = ["engine_state_dict", "engine_weight_specs", "engine_weights"]
@@ -43,24 +45,24 @@ def engine_weights(engine: Any, cpu_offload: bool = True,
 
     ``as_x``: x even in train mode, taken on each rank's fragment of y and z and gathered one
     tensor at a time (nothing is swapped, and no rank holds more than one gathered tensor).
+    A failure on any rank while x is prepared, or on rank 0 while it takes its copy, raises on
+    every rank, in step (sf_dist.distributed.every_rank_io / rank0_io).
     """
     module = engine.module
     masters = _stage0_masters(engine.optimizer)
     x_of = _XOf(engine, masters) if as_x and engine.optimizer.train_mode else None
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     for name, p in module.named_parameters(remove_duplicate=False):
-        x = x_of(p) if x_of is not None and p.requires_grad else None  # collective at ZeRO-1/2/3
+        what = f"gather x of {name!r}" if x_of is not None else f"gather {name!r}"
+        x = x_of(p, what) if x_of is not None and p.requires_grad else None  # collective at ZeRO-1/2/3
         value, fresh = (x, True) if x is not None else _full_weight(p, masters)
         del x
-        if not rank0:
-            yield name, None
-        elif fresh and (value.device.type == "cpu" or not cpu_offload):
-            yield name, value.detach().reshape(_shape(p))  # already a copy of our own
+        if fresh and (value.device.type == "cpu" or not cpu_offload):
+            yield name, rank0_io(lambda: value.detach().reshape(_shape(p)), what)  # already a copy of our own
         else:
-            yield name, _copy(value.reshape(_shape(p)), cpu_offload, torch.float32)
+            yield name, rank0_io(lambda: _copy(value.reshape(_shape(p)), cpu_offload, torch.float32), what)
         del value
     for name, buf in _persistent_buffers(module):
-        yield name, _copy(buf, cpu_offload, buf.dtype) if rank0 else None
+        yield name, rank0_io(lambda: _copy(buf, cpu_offload, buf.dtype), f"gather {name!r}")
 
 
 def _full_weight(p: torch.Tensor, masters: dict[int, torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -93,30 +95,46 @@ class _XOf:
             pairs = [(lp, gi) for gi, g in enumerate(lp_groups) for lp in (g["params"] if isinstance(g, dict) else g)]
         self.group_of = {id(lp): gi for lp, gi in pairs}
 
-    def __call__(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        """Collective at ZeRO-1/2/3 (the same decision on every rank: it depends on the group's k)."""
+    def __call__(self, p: torch.Tensor, what: str) -> Optional[torch.Tensor]:
+        """Collective at ZeRO-1/2/3 (the same decision on every rank: it depends on the group's k).
+        Every rank prepares its part first and hears whether all did before any data moves."""
         if id(p) not in self.group_of:
             return None
         group = self.base.param_groups[self.group_of[id(p)]]
         if group["k"] == 0:
             return None
         weight = 1 - 1 / self.base.interpolation(group)
-        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of y and z, one all-gather of x
-            y, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True)
-            z, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key="z")
-            return self.opt._fp32_state_allgather(p, y.lerp(z, weight))
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of x into a buffer for all, one all-gather
+            ranks = self.opt._get_param_partition_group(p)
+            buffer, part = every_rank_io(lambda: self._partition_x(p, weight, ranks), what, group=ranks)
+            dist.all_gather_into_tensor(buffer, part, group=ranks)
+            return buffer.narrow(0, 0, p.ds_numel).view(p.ds_shape)
         if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: this rank's fragment into a zero buffer, one all-reduce
-            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            mapping = p._hp_mapping
-            if mapping is not None:  # z read from the live state (DeepSpeed's linked views go stale on a load)
-                hp = mapping.get_hp_fragment_address()
-                z = self.base.state[group["params"][0]]["z"].narrow(0, hp.start, hp.numel)
-                lp = mapping.lp_fragment_address
-                full.narrow(0, lp.start, lp.numel).copy_(mapping.get_hp_fragment().lerp(z, weight))
-            torch.distributed.all_reduce(full, group=p._dp_group)
+            full = every_rank_io(lambda: self._fragment_x(p, group, weight), what, group=p._dp_group)
+            dist.all_reduce(full, group=p._dp_group)
             return full
         master = self.masters.get(id(p), p)  # ZeRO-0: the fp32 copy, or (fp32) the param itself
         return master.detach().float().lerp(self.base.state[master]["z"].float(), weight)
+
+    def _partition_x(self, p: torch.Tensor, weight: float, ranks: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """ZeRO-3: the all-gather's output buffer, this rank's slot of it holding its partition of x."""
+        y, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True)
+        z, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key="z")
+        buffer = torch.empty(dist.get_world_size(ranks) * y.numel(), dtype=y.dtype, device=p.device)
+        part = buffer.narrow(0, y.numel() * dist.get_rank(ranks), y.numel())
+        part.copy_(y.lerp(z, weight))  # y and z may be offloaded to the CPU; the gather runs on p's device
+        return buffer, part
+
+    def _fragment_x(self, p: torch.Tensor, group: dict, weight: float) -> torch.Tensor:
+        """ZeRO-1/2: a zero buffer of the param's size holding this rank's fragment of x."""
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        mapping = p._hp_mapping
+        if mapping is not None:  # z read from the live state (DeepSpeed's linked views go stale on a load)
+            hp = mapping.get_hp_fragment_address()
+            z = self.base.state[group["params"][0]]["z"].narrow(0, hp.start, hp.numel)
+            lp = mapping.lp_fragment_address
+            full.narrow(0, lp.start, lp.numel).copy_(mapping.get_hp_fragment().lerp(z, weight))
+        return full
 
 
 def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
