@@ -599,7 +599,7 @@ def test_a_failure_on_one_rank_during_the_export_gather_reaches_both_in_step(fp3
         failing = key[2]
         for rank in (0, 1):
             kind, message, seconds, paired, train_mode, y_kept = ranks[rank][key]
-            assert f"injected OOM in" in message and f"on rank {failing}" in message, (key, rank, message)
+            assert "injected OOM in" in message and f"on rank {failing}" in message, (key, rank, message)
             assert kind == ("MemoryError" if rank == failing else "RuntimeError"), (key, rank, kind)
             if rank != failing:
                 assert message.startswith(f"rank {failing} could not gather x of"), (key, message)
