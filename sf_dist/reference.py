@@ -36,6 +36,13 @@ class _ExplicitXYZ(torch.optim.Optimizer):
                     p.copy_(state[key])
             group["train_mode"] = train_mode
 
+    def _state_of(self, p: torch.Tensor) -> dict:
+        """``p``'s state, created at its first step: x = y = z = p, zero moments."""
+        state = self.state[p]
+        if not state:
+            state.update(x=p.clone(), y=p.clone(), z=p.clone(), v=torch.zeros_like(p), m=torch.zeros_like(p))
+        return state
+
 
 class ReferenceScheduleFree(_ExplicitXYZ):
     """Explicit-x/y/z Schedule-Free; ``kind`` is "adamw", "sgd" or "radam".
@@ -66,9 +73,7 @@ class ReferenceScheduleFree(_ExplicitXYZ):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state.update(x=p.clone(), y=p.clone(), z=p.clone(), v=torch.zeros_like(p), m=torch.zeros_like(p))
+                state = self._state_of(p)
                 x, y, z, v = state["x"], state["y"], state["z"], state["v"]
                 g = p.grad
                 if decay_at == "all":
@@ -137,9 +142,7 @@ class ReferenceScheduleFreePlus(_ExplicitXYZ):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state.update(x=p.clone(), y=p.clone(), z=p.clone(), m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state = self._state_of(p)
                 l1 += float(p.grad.abs().sum())
                 ip += b * float((p.grad * (state["z"] - state["x"])).sum())
         ema = pb * g0["grad_l1_ema"] + (1 - pb) * l1 * math.sqrt(math.pi / 2)
