@@ -217,7 +217,7 @@ def test_deepspeed_ranks_skip_together():
 
 @pytest.mark.parametrize("kernel", ["cpu", "foreach_norm"])
 def test_first_nonfinite_finds_every_position_and_dtype(kernel, monkeypatch):
-    """The C++ check (sixteen-lane blocks plus a tail, chunked over threads) and the fallback."""
+    """The C++ check (four streams of sixteen-lane blocks plus a tail, chunked over threads) and the fallback."""
     from sf_dist import guard, kernels
 
     if kernel == "foreach_norm":
@@ -228,7 +228,7 @@ def test_first_nonfinite_finds_every_position_and_dtype(kernel, monkeypatch):
         tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
         assert guard.first_nonfinite(tensors) is None
         for i, n in enumerate(sizes):
-            for pos in {0, n // 2, n - 1} if n else set():
+            for pos in {0, n // 4, n // 2, 3 * n // 4, n - 1} if n else set():  # each stream and the tail
                 for bad in (float("nan"), float("inf"), -float("inf")):
                     poisoned = [t.clone() for t in tensors]
                     poisoned[i][pos] = bad

@@ -166,19 +166,25 @@ void step(const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& gs, 
 }
 
 // True when every element is finite: x*0 is 0 for finite x and NaN for Inf/NaN. Sixteen
-// independent lanes let the compiler vectorise without reassociating a floating-point sum.
+// independent lanes let the compiler vectorise without reassociating a floating-point sum; four
+// streams over the range's quarters keep more cache misses in flight (a read from memory went from
+// ~16 to ~21 GB/s at 2 threads, 4 streams better than 1, 2 or 8; software prefetch made it slower).
 template <typename T>
-bool range_finite(const T* __restrict p, int64_t begin, int64_t end) {
+bool range_finite(const T* __restrict p, int64_t n) {
   using A = at::opmath_type<T>;
-  constexpr int kLanes = 16;
-  A lanes[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<A>(p[i + j]) * A(0);
+  constexpr int kLanes = 16, kStreams = 4;
+  A lanes[kStreams][kLanes] = {};
+  const int64_t quarter = n / kStreams / kLanes * kLanes;
+  for (int64_t i = 0; i < quarter; i += kLanes) {
+    for (int s = 0; s < kStreams; ++s) {
+      for (int j = 0; j < kLanes; ++j) lanes[s][j] += static_cast<A>(p[s * quarter + i + j]) * A(0);
+    }
   }
   A sum = 0;
-  for (; i < end; ++i) sum += static_cast<A>(p[i]) * A(0);
-  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+  for (int64_t i = kStreams * quarter; i < n; ++i) sum += static_cast<A>(p[i]) * A(0);
+  for (int s = 0; s < kStreams; ++s) {
+    for (int j = 0; j < kLanes; ++j) sum += lanes[s][j];
+  }
   return sum == A(0);
 }
 
@@ -201,7 +207,7 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& ts) {
       const int64_t end = std::min(start + kBlock, t.numel());
       bool finite = true;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "sf_first_nonfinite", [&] {
-        finite = range_finite<scalar_t>(t.const_data_ptr<scalar_t>(), start, end);
+        finite = range_finite<scalar_t>(t.const_data_ptr<scalar_t>() + start, end - start);
       });
       for (int64_t seen = first.load(); !finite && i < seen && !first.compare_exchange_weak(seen, i);) {
       }
