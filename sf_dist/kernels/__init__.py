@@ -191,7 +191,7 @@ def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tens
         _cpu_extension()
         torch.ops.sf_dist.fused_step(pick(ys), pick(grads), pick(zs), [] if exp_avg_sqs is None else pick(vs),
                                      [] if exp_avgs is None else pick(ms),
-                                     _fused_constants(s, torch.float64, torch.device("cpu")),
+                                     fused_constants(s, torch.float64, torch.device("cpu")),
                                      0 if seed is None else int(seed))
     _accelerator_step([i for i in fusable if not _on_cpu_kernel(ys[i])], ys, grads, zs, vs, s, None, ms, seed)
 
@@ -210,7 +210,7 @@ def _masked_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Ten
         _accelerator_step(nonempty, ys, grads, zs, vs, s, ok, ms, seed)
         return
     if nonempty:
-        c = _fused_constants(s, torch.float64, ys[0].device)
+        c = fused_constants(s, torch.float64, ys[0].device)
         for i in nonempty:
             _update(ys[i], grads[i], zs[i], vs[i], c.to(_compute_dtype(ys[i])), ok, ms[i])
 
@@ -223,7 +223,7 @@ def _accelerator_step(indices: list[int], ys: Sequence[Tensor], grads: Sequence[
     take the eager update)."""
     if not indices:
         return
-    c = _fused_constants(s, torch.float64, ys[indices[0]].device)
+    c = fused_constants(s, torch.float64, ys[indices[0]].device)
     module = _triton_kernels()
     tri = [i for i in indices if module is not None and module.available(ys[i].device)
            and module.supports(ys[i], grads[i], zs[i], vs[i], ms[i])]
@@ -259,10 +259,10 @@ def _on_cpu_kernel(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize,
-    mu, 1-mu, 1/bias_correction1] (mu: inner momentum), each computed in float64 (on the host, or on
-    the device for the sync-free path) and rounded once to ``dtype``."""
+def fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The fused kernels' 14 step constants: [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2,
+    1/bias_correction2, eps, normalize, mu, 1-mu, 1/bias_correction1] (mu: inner momentum), each computed
+    in float64 (on the host, or on the device for the sync-free path) and rounded once to ``dtype``."""
     additive = s.weight_decay if s.decay_at != "all" else 0.0
     values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
               additive if s.decay_at == "z" else 0.0, s.shrink,
