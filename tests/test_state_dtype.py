@@ -11,58 +11,22 @@ from torch import nn
 
 import mlp_case
 from dist import run_distributed
+from rounding_case import EXACT, SPECIAL, assert_unbiased, values
 
 import sf_dist
 from sf_dist import kernels
 from sf_dist.kernels.rounding import stochastic_round_
-from sf_dist.schedule import StepScalars
 
 PATHS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
 
 
-def _neighbours(x):
-    """The bf16 values just below and above |x| (by magnitude), as float32, with x's sign."""
-    down = x.to(torch.bfloat16).float()
-    down = torch.where(down.abs() > x.abs(), torch.nextafter(down.to(torch.bfloat16), torch.zeros_like(
-        down.to(torch.bfloat16))).float(), down)
-    bits = down.view(torch.int32) + (1 << 16)
-    return down, bits.view(torch.float32)
-
-
-def _assert_unbiased(got, x):
-    """``got`` (reps x n, float32) holds stochastic roundings of the float32 values ``x`` (n): each
-    result is one of the two bf16 neighbours, exact values stay exact, and each mean is within 5
-    standard errors of the value (z-scores average like |N(0,1)|), while round-to-nearest is off by far more."""
-    lo, hi = _neighbours(x)
-    assert ((got == lo) | (got == hi)).all()
-    ulp = (hi - lo).abs().double()
-    frac = (x.double().abs() - lo.double().abs()) / ulp  # P(rounding up in magnitude) if unbiased
-    inexact = frac > 0
-    assert torch.equal(got[:, ~inexact], x.expand_as(got)[:, ~inexact])
-    se = ulp * (frac * (1 - frac) / got.shape[0]).sqrt()  # standard error of the mean of the rounded values
-    z = ((got.double().mean(0) - x.double()) / se)[inexact]
-    assert z.abs().max() < 5.0, z.abs().max()
-    assert z.abs().mean() < 0.9, z.abs().mean()  # |N(0,1)| averages 0.80
-    nearest = ((x.to(torch.bfloat16).double() - x.double()) / se)[inexact]
-    assert nearest.abs().mean() > 20, nearest.abs().mean()  # what unbiasedness buys
-
-
-def _values():
-    """1000 float32 values of both signs and many magnitudes, and 4096 rounds of each."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(1000, generator=gen) * torch.logspace(-6, 6, 1000), 4096
-
-
-SPECIAL = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
-
-
 def test_rounding_is_unbiased():
     """stochastic_round_ (the per-tensor, foreach and accelerator paths) on 1000 values x 4096 rounds."""
-    x, reps = _values()
+    x, reps = values()
     src = x.repeat(reps, 1)
     dst = torch.empty_like(src, dtype=torch.bfloat16)
     stochastic_round_([dst], [src], torch.Generator().manual_seed(1))
-    _assert_unbiased(dst.float(), x)
+    assert_unbiased(dst.float(), x)
     out = torch.empty_like(SPECIAL, dtype=torch.bfloat16)
     stochastic_round_([out], [SPECIAL])
     assert torch.equal(out.float()[:2], SPECIAL[:2]) and out[2].isnan() and (out[3:] == 0).all()
@@ -70,14 +34,12 @@ def test_rounding_is_unbiased():
 
 def _kernel_step(g, seed, threads=None):
     """One fused CPU step on bf16 z, v, m under fp32 params, with scalars that make the step write
-    z = -g/2, v = g*g and m = g/2 (each exact in float32) before rounding them into bf16."""
+    z = -g/2, v = g*g and m = g/2 (rounding_case.EXACT) before rounding them into bf16."""
     z, v, m = (torch.zeros_like(g, dtype=torch.bfloat16) for _ in range(3))
-    s = StepScalars(lr=1.0, ckp1=0.0, y_coef=0.0, weight_decay=0.0, decay_at="y", beta2=0.0, eps=1e-8,
-                    normalize=False, inner_momentum=0.5)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        kernels.step_([torch.zeros_like(g)], [g], [z], [v], s, impl="fused", exp_avgs=[m],
+        kernels.step_([torch.zeros_like(g)], [g], [z], [v], EXACT, impl="fused", exp_avgs=[m],
                       generator=torch.Generator().manual_seed(seed))
     finally:
         torch.set_num_threads(before)
@@ -89,11 +51,11 @@ def test_fused_kernel_rounds_in_its_pass_unbiased_and_deterministic():
     rounds), NaN/Inf kept; the same seed gives the same bits at 1 and 2 threads, another seed others."""
     if kernels.cpu_kernel_error() is not None:
         pytest.skip(f"the C++ CPU kernel does not build here: {kernels.cpu_kernel_error()}")
-    x, reps = _values()
+    x, reps = values()
     g = x.repeat(reps)
     z, v, m = _kernel_step(g, seed=1)
     for got, want in ((z, -x / 2), (v, x * x), (m, x / 2)):
-        _assert_unbiased(got.float().view(reps, -1), want)
+        assert_unbiased(got.float().view(reps, -1), want)
     part = g[: 4 * 65536]  # several of parallel_for's chunks
     one, two = (_kernel_step(part, seed=1, threads=n) for n in (1, 2))
     assert all(torch.equal(a, b) and torch.equal(a, c[: part.numel()]) for a, b, c in zip(one, two, (z, v, m)))

@@ -6,6 +6,7 @@ import importlib
 import pytest
 import schedulefree
 import torch
+from rounding_case import EXACT, SPECIAL, assert_unbiased, values
 
 import sf_dist
 from sf_dist import kernels
@@ -253,4 +254,119 @@ def test_inner_momentum_in_the_kernel_matches_the_oracle(dtype, tk, monkeypatch)
         ours.train(), oracle.train()
         _run([ours, oracle], ps, 2, start=6)
         _close(ps[0], ps[1], f"y after eval->train, {what}", **tol)
+    assert tk and set(tk) == {4, 5}
+
+
+
+def _on_cpu_kernel_switch(monkeypatch):
+    """A switch for CPU tensors between the C++ CPU kernel (``[True]``) and the Triton one (``[False]``)."""
+    cpp = [False]
+    monkeypatch.setattr(kernels, "_on_cpu_kernel", lambda t: cpp[0])
+    return cpp
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # y = 0 * Inf in numpy
+def test_bf16_state_rounds_in_the_pass_with_the_cpu_kernels_bits_unbiased(tk, monkeypatch):
+    """bf16 z, v, m under fp32 params, stepped so that each is one float32 operation on g
+    (rounding_case.EXACT), rounded stochastically in the Triton kernel's pass: bitwise the C++
+    kernel's result for the same seed (its counter-based stream, one per tensor of the list), NaN and
+    Inf kept, unbiased (256 values x 2048 rounds; round-to-nearest fails it); another seed, other bits."""
+    if kernels.cpu_kernel_error() is not None:
+        pytest.skip(f"the C++ CPU kernel does not build here: {kernels.cpu_kernel_error()}")
+    module = importlib.import_module("sf_dist.kernels.triton")
+    monkeypatch.setattr(module, "CHUNK", 65536)  # few wide programs: the interpreter's cost is per block
+    monkeypatch.setattr(module, "BLOCK", 65536)
+    cpp = _on_cpu_kernel_switch(monkeypatch)
+    x, reps = values(256, 2048)
+    gs = [SPECIAL.clone(), x.repeat(reps)]
+
+    def step(on_cpp, seed):
+        cpp[0] = on_cpp
+        z, v, m = ([torch.zeros_like(g, dtype=torch.bfloat16) for g in gs] for _ in range(3))
+        kernels.step_([torch.zeros_like(g) for g in gs], gs, z, v, EXACT, impl="fused", exp_avgs=m,
+                      generator=torch.Generator().manual_seed(seed))
+        return z, v, m
+
+    ours, theirs = step(False, 1), step(True, 1)
+    assert tk == [2]
+    for a, b in zip(ours, theirs):
+        assert all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(a, b))
+    for (special, got), f in zip(ours, (lambda t: -t / 2, lambda t: t * t, lambda t: t / 2)):
+        assert_unbiased(got.float().view(reps, -1), f(x))
+        assert special[2].isnan() and torch.equal(special.float()[[0, 1, 3, 4]], f(SPECIAL)[[0, 1, 3, 4]])
+    assert not torch.equal(ours[0][1], step(False, 2)[0][1])
+
+
+def _bf16_ulps(a, b):
+    """How many bf16 steps apart two bf16 tensors are (their bit patterns as sign-magnitude integers)."""
+    ia, ib = (t.view(torch.int16).int() for t in (a, b))
+    ia, ib = (torch.where(i < 0, -32768 - i, i) for i in (ia, ib))
+    return (ia - ib).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bf16_state_through_the_optimizer_matches_the_cpu_kernel(dtype, tk, monkeypatch):
+    """AdamW with state_dtype=torch.bfloat16, with and without inner momentum, on the Triton kernel's
+    host-scalar and sync-free paths against the same run on the C++ CPU kernel (one seed per step from
+    the optimizer's generator on both): 6 steps, eval, 2 more steps. The random bits agree; the
+    float math differs by an ulp where the C++ build contracts into FMAs, which moves a rounding
+    (z, v, m) only where that ulp crosses the random threshold: every state value is within one bf16
+    step, at most 1% differ; y and x within the reference tolerance. Then a skipped (NaN) step
+    on the sync-free path leaves y, state and counters bitwise unchanged. No widened copy is rounded back."""
+    if kernels.cpu_kernel_error() is not None:
+        pytest.skip(f"the C++ CPU kernel does not build here: {kernels.cpu_kernel_error()}")
+    cpp = _on_cpu_kernel_switch(monkeypatch)
+    monkeypatch.setattr(kernels, "stochastic_round_", lambda dst, *a: any(t.numel() for t in dst) and pytest.fail(
+        "a widened copy was rounded back"))  # (empty tensors, with nothing to step, take that path)
+    sync_free(monkeypatch)
+    for path, hp in (("host scalars", dict(lr=0.02, weight_decay=0.05, warmup_steps=3, r=0.5)),
+                     ("sync-free", dict(lr=0.02, inner_momentum=0.9, weight_decay=0.05, decay_at="z"))):
+        init = _tensors(dtype, 7)
+        ps = [[t.clone().requires_grad_() for t in init] for _ in range(2)]
+        opts = [sf_dist.AdamWScheduleFree(qs, fused=True, state_dtype=torch.bfloat16, **hp,
+                                          nonfinite="skip" if path == "sync-free" and j == 0 else "ignore")
+                for j, qs in enumerate(ps)]
+
+        def run(steps, start):
+            for k in range(start, start + steps):
+                grads = _tensors(dtype, 3000 + k)
+                for j, (o, qs) in enumerate(zip(opts, ps)):
+                    cpp[0] = j == 1
+                    for i, (p, g) in enumerate(zip(qs, grads)):  # a param without grad shifts the streams
+                        p.grad = None if (i == 0 and k % 3 == 2) else g.clone()
+                    o.step()
+
+        def compare(what):
+            _close(ps[0], ps[1], f"{what}, {dtype} {path}", rtol=1e-5, atol=1e-6)
+            differ, total = 0, 0
+            for p, q in zip(*ps):
+                for key, t in opts[0].state[p].items():
+                    u = opts[1].state[q][key]
+                    assert t.dtype == torch.bfloat16 and (_bf16_ulps(t, u) <= 1).all(), (what, key)
+                    differ += int((t != u).sum())
+                    total += t.numel()
+            assert differ <= 0.01 * total, (what, differ, total)
+            return differ, total
+
+        for o in opts:
+            o.train()
+        run(6, 0)
+        compare("train y")
+        for o in opts:
+            o.eval()
+        compare("eval x")
+        for o in opts:
+            o.train()
+        run(2, 6)
+        compare("y after eval->train")
+        if path == "sync-free":
+            before = _snapshot(ps[0], opts[0])
+            for p in ps[0]:
+                p.grad = torch.full_like(p, float("nan"))
+            cpp[0] = False
+            opts[0].step()
+            after = _snapshot(ps[0], opts[0])
+            assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[1] == after[1]
+            assert all(torch.equal(t, after[2][k][n]) for k, v in before[2].items() for n, t in v.items())
+            assert opts[0].skipped_steps == 1
     assert tk and set(tk) == {4, 5}

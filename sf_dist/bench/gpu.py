@@ -5,12 +5,16 @@
 Sections, each printing PASS/FAIL lines or figures (about 2-4 minutes on one H100/H200):
 1. numerics: the default (Triton) kernel against sf_dist's foreach path and schedulefree 1.4.1 on
    CUDA, AdamW/SGD/RAdam, every decay_at (and AdamW's inner momentum, against the explicit oracle), in
-   float64 (rtol 1e-5) and float32 (the reference's rtol 1e-5/atol 1e-6), through train -> eval -> train.
+   float64 (rtol 1e-5) and float32 (the reference's rtol 1e-5/atol 1e-6), through train -> eval -> train;
+   bf16 state (``state_dtype=torch.bfloat16``): the Triton kernel's stochastic rounding against the C++
+   CPU kernel for the same seed, bitwise on exactly computed values and unbiased over 4096 rounds, then
+   10 AdamW steps (with and without inner momentum, fp32 and fp64 params) step by step.
 2. step time at about ``--params`` parameters in 4096x4096 tensors: torch AdamW fused (the anchor),
    sf_dist default, sf_dist without the check, sf_dist foreach, schedulefree foreach; fp32, and bf16
-   params (state as each optimizer makes it); plus the sf_dist kernel alone on bf16 params with fp32
-   state. Achieved bandwidth = 7 values moved per element (read y, g, z, v; write y, z, v) / time,
-   against a measured device copy and the nominal peak where the device name is known.
+   params (state as each optimizer makes it), and sf_dist with bf16 state under fp32 params (20 bytes
+   moved per param instead of 28, state bytes per param measured); plus the sf_dist kernel alone on
+   bf16 params with fp32 state. Achieved bandwidth = bytes moved per element (read y, g, z, v; write
+   y, z, v) / time, against a measured device copy and the nominal peak where the device name is known.
 3. host syncs: ``torch.cuda.set_sync_debug_mode("error")`` around train/step/eval/train of the three
    optimizers with default settings, including a skipped (NaN) step.
 4. CUDA graph: ``opt.step()`` captured once and replayed equals eager steps bitwise.
@@ -94,6 +98,85 @@ def numerics(device: torch.device) -> None:
                 ok = max(worst) <= 1.0
                 check(ok, f"{str(dtype)[6:]:8s} {kind:5s} decay_at={decay_at}{f' mu={mu}' if mu else ''}: default vs reference "
                           f"{worst[0]:.2f}, foreach vs reference {worst[1]:.2f} (of the tolerance)")
+    bf16_state(device)
+
+
+# Scalars under which one step writes z = -g/2, v = g*g and m = g/2 (one float32 operation on g each),
+# so both kernels round the same float32 values.
+EXACT = StepScalars(lr=1.0, ckp1=0.0, y_coef=0.0, weight_decay=0.0, decay_at="y", beta2=0.0, eps=1e-8,
+                    normalize=False, inner_momentum=0.5)
+
+
+def _both_kernels(state: list[list[torch.Tensor]], device: torch.device, s: StepScalars, seed: int) -> list:
+    """One fused step of ``state`` ([ys, gs, zs, vs, ms], CPU tensors, bf16 z/v/m, ms empty without inner
+    momentum) on the C++ CPU kernel in place, and of a copy on ``device`` through the Triton kernel, with
+    the same seed; returns the copy."""
+    from sf_dist.kernels import triton as tk
+
+    on_device = [[t.to(device, copy=True) for t in ts] for ts in state]
+    torch.ops.sf_dist.fused_step(*state, kernels.fused_constants(s, torch.float64, torch.device("cpu")), seed)
+    ys, gs, zs, vs, ms = on_device
+    tk.step_(ys, gs, zs, vs, kernels.fused_constants(s, torch.float64, device), None, ms or None,
+             seed=torch.tensor(seed, dtype=torch.int64, device=device))
+    return on_device
+
+
+def _bf16_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 values lie between a and b (bf16, their bits read as sign-magnitude integers)."""
+    ia, ib = (t.view(torch.int16).int() for t in (a, b))
+    return (torch.where(ia < 0, -32768 - ia, ia) - torch.where(ib < 0, -32768 - ib, ib)).abs()
+
+
+def bf16_state(device: torch.device) -> None:
+    """Section 1, bf16 state: the Triton kernel's stochastic rounding against the C++ CPU kernel."""
+    if kernels.cpu_kernel_error() is not None:
+        check(False, f"bf16 state: the C++ CPU kernel, the oracle here, does not build ({kernels.cpu_kernel_error()})")
+        return
+    gen = torch.Generator().manual_seed(0)
+    x, reps = torch.randn(1000, generator=gen) * torch.logspace(-6, 6, 1000), 4096
+    g = x.repeat(reps)
+    state = [[torch.zeros_like(g)], [g]] + [[torch.zeros_like(g, dtype=torch.bfloat16)] for _ in range(3)]
+    got = _both_kernels(state, device, EXACT, seed=12345)
+    same = all(torch.equal(a[0].cpu().view(torch.int16), b[0].view(torch.int16)) for a, b in zip(got[2:], state[2:]))
+    check(same, "bf16 state: Triton z, v, m bitwise equal to the C++ kernel's for the same seed (4.1M values)")
+    for name, t, want in (("z", got[2][0], -x / 2), ("v", got[3][0], x * x), ("m", got[4][0], x / 2)):
+        bits = want.contiguous().view(torch.int32) & -65536  # the bf16 value below |want| by magnitude
+        low = bits.view(torch.float32).double()
+        ulp = (bits + 65536).view(torch.float32).double().abs() - low.abs()
+        frac = (want.double().abs() - low.abs()) / ulp
+        se = ulp * (frac * (1 - frac) / reps).sqrt()
+        inexact = frac > 0
+        zs = ((t.float().cpu().view(reps, -1).double().mean(0) - want.double()) / se)[inexact]
+        nearest = ((want.to(torch.bfloat16).double() - want.double()) / se)[inexact]
+        check(float(zs.abs().max()) < 5.0, f"bf16 state: {name} unbiased, mean of 4096 roundings within "
+              f"{float(zs.abs().max()):.1f} (max) / {float(zs.abs().mean()):.2f} (mean) standard errors of the value "
+              f"(round-to-nearest: {float(nearest.abs().mean()):.0f} mean)")
+    shapes = [(257, 129), (4097,), (3, 5, 7), (1,), (70000,)]
+    for dtype in (torch.float32, torch.float64):
+        for mu in (0.0, 0.9):
+            gen = torch.Generator().manual_seed(1)
+            ys = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+            zeros = lambda: [torch.zeros_like(y, dtype=torch.bfloat16) for y in ys]  # noqa: E731
+            state = [ys, [], [y.to(torch.bfloat16) for y in ys], zeros(), zeros() if mu else []]
+            worst_y, worst_ulps, differ, total = 0.0, 0, 0, 0
+            for k in range(1, 11):
+                ckp1 = 1 / k
+                s = StepScalars(lr=0.01, ckp1=ckp1, y_coef=0.01 * (0.9 * (1 - ckp1) - 1), weight_decay=0.05,
+                                decay_at="y", beta2=0.999, bias_correction2=1 - 0.999**k, eps=1e-8, normalize=True,
+                                inner_momentum=mu, bias_correction1=1 - mu**k if mu else 1.0)
+                state[1] = [torch.randn(s_, generator=gen, dtype=dtype) for s_ in shapes]
+                got = _both_kernels(state, device, s, seed=1000 + k)
+                for a, b in zip(got[0], state[0]):
+                    worst_y = max(worst_y, float(((a.cpu() - b).abs() / (1e-6 + 1e-5 * b.abs())).max()))
+                for ts, us in zip(got[2:], state[2:]):
+                    for a, b in zip(ts, us):
+                        apart = _bf16_steps_apart(a.cpu(), b)
+                        worst_ulps = max(worst_ulps, int(apart.max()))
+                        differ, total = differ + int((apart > 0).sum()), total + b.numel()
+            check(worst_y <= 1.0 and worst_ulps <= 1 and differ <= total // 1000,
+                  f"bf16 state, {str(dtype)[6:]} params{f' mu={mu}' if mu else ''}: 10 steps, y vs the C++ kernel "
+                  f"{worst_y:.2f} of the tolerance; state {differ} of {total} values differ (target <= 0.1%), "
+                  f"at most {worst_ulps} bf16 step(s) apart (target <= 1)")
 
 
 def _time(step: Callable[[], None], reps: int) -> float:
@@ -137,9 +220,11 @@ def step_time(device: torch.device, target: float, reps: int) -> None:
         "sf_dist AdamW foreach": lambda ps: sf_dist.AdamWScheduleFree(ps, lr=1e-3, foreach=True),
         "schedulefree AdamW foreach": lambda ps: schedulefree.AdamWScheduleFree(ps, lr=1e-3, foreach=True),
     }
+    half_state = {"sf_dist AdamW, bf16 state":
+                  lambda ps: sf_dist.AdamWScheduleFree(ps, lr=1e-3, state_dtype=torch.bfloat16)}
     for dtype in (torch.float32, torch.bfloat16):
         anchor = None
-        for row, make in rows.items():
+        for row, make in (dict(rows, **half_state) if dtype == torch.float32 else rows).items():
             ps = [torch.nn.Parameter(torch.randn(4096, 4096, device=device, dtype=dtype)) for _ in range(n_tensors)]
             for p in ps:
                 p.grad = torch.randn_like(p) * 1e-3
@@ -148,13 +233,22 @@ def step_time(device: torch.device, target: float, reps: int) -> None:
                 opt.train()
             ms = _time(opt.step, reps)
             anchor = anchor or ms
-            tbps = 7 * ps[0].element_size() * numel / (ms * 1e-3) / 1e12
-            print(f"  {str(dtype)[6:]:8s} {row:28s} {ms:8.2f} ms {ms / anchor:5.2f}x  {tbps:5.2f} TB/s "
-                  f"({tbps / copy:4.0%} of copy" + (f", {tbps / nominal:4.0%} of nominal)" if nominal else ")"))
+            state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                        if isinstance(t, torch.Tensor)) / numel  # bytes per param, as measured
+            moved = 3 * ps[0].element_size() + 2 * state  # read y, g and the state; write y and the state
+            tbps = moved * numel / (ms * 1e-3) / 1e12
+            print(f"  {str(dtype)[6:]:8s} {row:28s} {ms:8.2f} ms {ms / anchor:5.2f}x  state {state:4.1f} B/param  "
+                  f"{tbps:5.2f} TB/s ({tbps / copy:4.0%} of copy"
+                  + (f", {tbps / nominal:4.0%} of nominal)" if nominal else ")"))
             if row == "sf_dist AdamW (default)" and dtype == torch.float32:
+                fp32_state_ms = ms
                 check(ms <= anchor, f"default fp32 step {ms / anchor:.2f}x torch fused AdamW (target <= 1.0x)")
                 if nominal:
                     check(tbps >= 0.8 * nominal, f"default fp32 step at {tbps / nominal:.0%} of nominal peak (target >= 80%)")
+            if row in half_state:
+                check(ms <= fp32_state_ms and state == 4.0,
+                      f"bf16 state: {state:.1f} B/param (target 4.0), step {ms / fp32_state_ms:.2f}x fp32 state's "
+                      f"(target <= 1.0x; it moves 20 B/param instead of 28)")
             del opt, ps
             torch.cuda.empty_cache()
     ys = [torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) for _ in range(n_tensors)]

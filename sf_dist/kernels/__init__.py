@@ -10,7 +10,8 @@ run unchanged on a whole tensor, an FSDP shard or a ZeRO flat slice. Three paths
     y  = lerp(y, z, ckp1) + y_coef*gn ;  z -= lr*gn
 
 State stored narrower than the params (bf16 z and moments under fp32/fp64 params) is rounded back
-stochastically: inside the one pass of the C++ CPU kernel, else on widened copies afterwards.
+stochastically: inside the one pass of the fused kernels (C++ on the CPU, Triton on CUDA: one
+counter-based stream, no host sync), else (per-tensor, foreach, compiled) on widened copies afterwards.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
         raise ValueError(f"exp_avgs must be given exactly when inner_momentum > 0 (got {s.inner_momentum})")
     moments = [ts for ts in (exp_avg_sqs, exp_avgs) if ts is not None]
     stored = [list(ts) for ts in (zs, *moments)]
-    in_kernel = {i for i in range(len(ys)) if impl == "fused" and ok is None
-                 and _rounds_in_cpu_kernel(ys[i], grads[i], [ts[i] for ts in stored])}
+    in_kernel = {i for i in range(len(ys))
+                 if impl == "fused" and _rounds_in_kernel(ys[i], grads[i], [ts[i] for ts in stored], ok)}
     widened = [i for i in range(len(ys)) if zs[i].itemsize < ys[i].itemsize and i not in in_kernel]
     if widened:  # stepped on copies in the params' dtype, rounded back below
         wide = [list(ts) for ts in stored]
@@ -56,9 +57,9 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
         zs = wide[0]
         exp_avg_sqs = None if exp_avg_sqs is None else wide[1]
         exp_avgs = None if exp_avgs is None else wide[-1]
-    seed = _draw_seed(generator) if in_kernel else 0
+    seed = _draw_seed(generator, ys[min(in_kernel)].device) if in_kernel else None
     if ok is not None:
-        _masked_step(ys, grads, zs, exp_avg_sqs, s, ok, fused=impl == "fused", exp_avgs=exp_avgs)
+        _masked_step(ys, grads, zs, exp_avg_sqs, s, ok, fused=impl == "fused", exp_avgs=exp_avgs, seed=seed)
     elif impl == "single":
         for i in range(len(ys)):
             _single_tensor_step(ys[i], grads[i], zs[i], None if exp_avg_sqs is None else exp_avg_sqs[i], s,
@@ -73,16 +74,23 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
             stochastic_round_([ts[i] for i in widened], [ws[i] for i in widened], generator)
 
 
-def _rounds_in_cpu_kernel(y: Tensor, g: Tensor, state: list[Tensor]) -> bool:
-    """Whether the C++ CPU kernel steps this bf16 state under fp32/fp64 params in its one pass."""
-    return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64) and y.numel() > 0
-            and all(t.dtype == torch.bfloat16 for t in state)
-            and all(t.is_contiguous() for t in (y, g, *state)))
+def _rounds_in_kernel(y: Tensor, g: Tensor, state: list[Tensor], ok: Optional[Tensor]) -> bool:
+    """Whether a fused kernel steps this bf16 state under fp32/fp64 params in its one pass: the C++ CPU
+    kernel (host-scalar step) or the Triton one (either step). ``state``: z, then v and m where present."""
+    if not (y.dtype in (torch.float32, torch.float64) and y.numel() > 0
+            and all(t.dtype == torch.bfloat16 for t in state) and all(t.is_contiguous() for t in (y, g, *state))):
+        return False
+    if _on_cpu_kernel(y):
+        return ok is None
+    module = _triton_kernels()
+    z, v, m = (state + [None, None])[:3]
+    return module is not None and module.available(y.device) and module.supports(y, g, z, v, m)
 
 
-def _draw_seed(generator: Optional[torch.Generator]) -> int:
-    """One 62-bit seed from ``generator`` for the C++ kernel's counter-based rounding stream."""
-    return int(torch.randint(0, 1 << 62, (), generator=generator))
+def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """One 62-bit seed of the fused kernels' counter-based rounding stream, a 0-dim int64 tensor drawn on
+    ``device`` from ``generator`` (on that device): the Triton kernel reads it there, so no host sync."""
+    return torch.randint(0, 1 << 62, (), generator=generator, device=device)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -169,7 +177,7 @@ def _foreach_step(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor],
 
 def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                 exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars,
-                exp_avgs: Optional[Sequence[Tensor]] = None, seed: int = 0) -> None:
+                exp_avgs: Optional[Sequence[Tensor]] = None, seed: Optional[Tensor] = None) -> None:
     n = len(ys)
     vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
     ms = [None] * n if exp_avgs is None else list(exp_avgs)
@@ -183,44 +191,46 @@ def _fused_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tens
         _cpu_extension()
         torch.ops.sf_dist.fused_step(pick(ys), pick(grads), pick(zs), [] if exp_avg_sqs is None else pick(vs),
                                      [] if exp_avgs is None else pick(ms),
-                                     _fused_constants(s, torch.float64, torch.device("cpu")), seed)
-    _accelerator_step([i for i in fusable if not _on_cpu_kernel(ys[i])], ys, grads, zs, vs, s, None, ms)
+                                     fused_constants(s, torch.float64, torch.device("cpu")),
+                                     0 if seed is None else int(seed))
+    _accelerator_step([i for i in fusable if not _on_cpu_kernel(ys[i])], ys, grads, zs, vs, s, None, ms, seed)
 
 
 def _masked_step(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                  exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, ok: Tensor, fused: bool,
-                 exp_avgs: Optional[Sequence[Tensor]] = None) -> None:
+                 exp_avgs: Optional[Sequence[Tensor]] = None, seed: Optional[Tensor] = None) -> None:
     """The sync-free step: device scalars, every store masked by ``ok``. ``fused`` takes the Triton
-    kernel (or the compiled one); otherwise one eager out-of-place update per tensor (any device,
-    the meta device included)."""
+    kernel (or the compiled one; ``seed``: the Triton kernel's rounding stream); otherwise one eager
+    out-of-place update per tensor (any device, the meta device included)."""
     n = len(ys)
     vs = [None] * n if exp_avg_sqs is None else list(exp_avg_sqs)
     ms = [None] * n if exp_avgs is None else list(exp_avgs)
     nonempty = [i for i in range(n) if ys[i].numel() > 0]
     if fused:
-        _accelerator_step(nonempty, ys, grads, zs, vs, s, ok, ms)
+        _accelerator_step(nonempty, ys, grads, zs, vs, s, ok, ms, seed)
         return
     if nonempty:
-        c = _fused_constants(s, torch.float64, ys[0].device)
+        c = fused_constants(s, torch.float64, ys[0].device)
         for i in nonempty:
             _update(ys[i], grads[i], zs[i], vs[i], c.to(_compute_dtype(ys[i])), ok, ms[i])
 
 
 def _accelerator_step(indices: list[int], ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
                       vs: list[Optional[Tensor]], s: StepScalars, ok: Optional[Tensor],
-                      ms: list[Optional[Tensor]]) -> None:
-    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs, else compiled
-    (strided tensors, which only the sync-free path sends here, take the eager update)."""
+                      ms: list[Optional[Tensor]], seed: Optional[Tensor] = None) -> None:
+    """Fused step of non-CPU-kernel tensors: one Triton launch per dtype where it runs (rounding bf16
+    state from ``seed``), else compiled (strided tensors, which only the sync-free path sends here,
+    take the eager update)."""
     if not indices:
         return
-    c = _fused_constants(s, torch.float64, ys[indices[0]].device)
+    c = fused_constants(s, torch.float64, ys[indices[0]].device)
     module = _triton_kernels()
     tri = [i for i in indices if module is not None and module.available(ys[i].device)
            and module.supports(ys[i], grads[i], zs[i], vs[i], ms[i])]
     if tri:
         pick = lambda ts: [ts[i] for i in tri]
         module.step_(pick(ys), pick(grads), pick(zs), None if vs[tri[0]] is None else pick(vs), c, ok,
-                     None if ms[tri[0]] is None else pick(ms))
+                     None if ms[tri[0]] is None else pick(ms), seed)
     for i in sorted(set(indices) - set(tri)):
         group = [ys[i], grads[i], zs[i]] + ([] if vs[i] is None else [vs[i]]) + ([] if ms[i] is None else [ms[i]])
         kind = "sgd" if vs[i] is None else "adam" if ms[i] is None else "adam_momentum"
@@ -249,10 +259,10 @@ def _on_cpu_kernel(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2, 1/bias_correction2, eps, normalize,
-    mu, 1-mu, 1/bias_correction1] (mu: inner momentum), each computed in float64 (on the host, or on
-    the device for the sync-free path) and rounded once to ``dtype``."""
+def fused_constants(s: StepScalars, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The fused kernels' 14 step constants: [lr, ckp1, y_coef, wd_y, wd_z, shrink, beta2, 1-beta2,
+    1/bias_correction2, eps, normalize, mu, 1-mu, 1/bias_correction1] (mu: inner momentum), each computed
+    in float64 (on the host, or on the device for the sync-free path) and rounded once to ``dtype``."""
     additive = s.weight_decay if s.decay_at != "all" else 0.0
     values = [s.lr, s.ckp1, s.y_coef, additive if s.decay_at == "y" else 0.0,
               additive if s.decay_at == "z" else 0.0, s.shrink,
