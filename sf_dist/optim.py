@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from . import guard, kernels
-from .distributed import rank
 from .kernels.rounding import STATE_DTYPES
 from .schedule import DECAY_AT, StepScalars, advance_average, radam_rectification, warmup_factor
 
@@ -176,10 +175,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return state
 
     def _rounding_generator(self, device: torch.device) -> torch.Generator:
-        """This optimizer's own random stream for stochastic rounding (the global one is left alone)."""
+        """This optimizer's own random stream for stochastic rounding (the global one is left alone), seeded
+        alike on every rank: replicas (DDP, HSDP) must round their identical state identically."""
         gens = self.__dict__.setdefault("_rounding_generators", {})
         if device not in gens:
-            gens[device] = torch.Generator(device=device).manual_seed(0x5F5F + rank())
+            gens[device] = torch.Generator(device=device).manual_seed(0x5F5F)
         return gens[device]
 
     # ---- step ------------------------------------------------------------------------------

@@ -110,8 +110,21 @@ def test_state_dict_keeps_bf16_and_x():
         sf_dist.AdamWScheduleFree(model.parameters(), state_dtype=torch.float16)
 
 
+def _ddp_replicas_agree(rank, world):
+    """Plain DDP with bf16 state: both replicas' params and state bitwise equal after training."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 3)))
+    opt = sf_dist.AdamWScheduleFree(model.parameters(), lr=0.01, state_dtype=torch.bfloat16)
+    mlp_case.run(model, opt, mlp_case.batches(3, torch.float32), rank, world)
+    mine = [t.float() for p in model.parameters() for t in (p.detach(), opt.state[p]["z"], opt.state[p]["exp_avg_sq"])]
+    theirs = [t.clone() for t in mine]
+    for t in theirs:
+        torch.distributed.broadcast(t, src=0)
+    return all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
 def _zero_worker(rank, world):
-    out = {}
+    out = {"ddp replicas agree": _ddp_replicas_agree(rank, world)}
     for state_dtype in (None, torch.bfloat16):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 3))
@@ -132,8 +145,9 @@ def _zero_worker(rank, world):
 
 def test_zero_shards_bf16_state():
     """ZeroScheduleFree at W=2: each rank's state is bf16 and half the bytes of fp32 state; the
-    loss at x stays within 1%; a reload keeps the dtype."""
+    loss at x stays within 1%; a reload keeps the dtype. And plain DDP replicas round alike."""
     for out in run_distributed(_zero_worker, 2):
+        assert out["ddp replicas agree"]
         (l32, b32, d32), (l16, b16, d16) = out["None"], out["torch.bfloat16"]
         assert d32 == {torch.float32} and d16 == {torch.bfloat16}
         assert b16 * 2 == b32
