@@ -114,19 +114,19 @@ class _ZeRO12(_EngineScheduleFree):
         gradient before it builds group i+1's, so no earlier call sees every group's gradient.
         """
         groups = self.optimizer.param_groups
-        if not self.optimizer.takes_loss or len(groups) == 1:
+        if not self.optimizer.takes_loss or len(groups) == 1:  # the others step group by group
             return super()._optimizer_step(group_no)
         masters = self.single_partition_of_fp32_groups
         self._sf_held[group_no] = masters[group_no].grad
         if len(self._sf_held) < len(groups):
             return
-        left = [masters[i].grad for i in range(len(groups))]  # None, or CPU offload's standing buffers
+        standing = [master.grad for master in masters]  # None, or CPU offload's standing buffers
         for i, grad in self._sf_held.items():
             masters[i].grad = grad
         try:
             self.optimizer.step()
         finally:
-            for master, grad in zip(masters, left):
+            for master, grad in zip(masters, standing):
                 master.grad = grad
             self._sf_held = {}
         for i in range(len(groups) - 1):  # DeepSpeed copied these before they moved
