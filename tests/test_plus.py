@@ -222,26 +222,28 @@ def _train_oracle(ref, grouped=False):
 def _sharded_worker(rank, world):
     from test_wrapper import _check, _fsdp2
     from torch.nn.parallel import DistributedDataParallel as DDP
-    ref = _model()
-    ref_opt = _train_oracle(ref)
-    y_ref = {k: v.clone() for k, v in ref.state_dict().items()}
-    ref_opt.eval()
-    x_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+    oracles = {}
+    for grouped in (False, True):
+        ref = _model()
+        ref_opt = _train_oracle(ref, grouped)
+        y_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+        ref_opt.eval()
+        oracles[grouped] = y_ref, {k: v.clone() for k, v in ref.state_dict().items()}, ref_opt.param_groups[0]["polyak_lr"]
     polyak = {}
-    for name in ("FSDP2", "DDP", "ZeRO-2"):
+    for name in ("FSDP2", "DDP", "ZeRO-2", "FSDP2 two groups", "ZeRO-2 two groups"):
         what = f"W={world} {name}"
-        if name == "ZeRO-2":
-            model = _model()
-            opt = sf_dist.ZeroScheduleFree(model.parameters(), sf_dist.AdamCScheduleFreePlus, stage=2,
-                                           bucket_cap_mb=1e-4, **HP)
+        y_ref, x_ref, polyak_ref = oracles["groups" in name]
+        model = _fsdp2(_model(), world) if name.startswith("FSDP2") else DDP(_model()) if name == "DDP" else _model()
+        params = _groups(model) if "groups" in name else model.parameters()
+        if name.startswith("ZeRO-2"):
+            opt = sf_dist.ZeroScheduleFree(params, sf_dist.AdamCScheduleFreePlus, stage=2, bucket_cap_mb=1e-4, **HP)
         else:
-            model = _fsdp2(_model(), world) if name == "FSDP2" else DDP(_model())
-            opt = sf_dist.AdamCScheduleFreePlus(model.parameters(), **HP)
+            opt = sf_dist.AdamCScheduleFreePlus(params, **HP)
         _train(model, opt, rank, world)
         sd = model.module.state_dict() if name == "DDP" else model.state_dict()
         _check(sd, y_ref, f"{what} train y")
-        polyak[name] = float(opt.param_groups[0]["polyak_lr"])
-        assert polyak[name] == pytest.approx(ref_opt.param_groups[0]["polyak_lr"], rel=1e-9), what
+        polyak[name] = [float(g["polyak_lr"]) for g in opt.param_groups]
+        assert polyak[name] == pytest.approx([polyak_ref] * len(polyak[name]), rel=1e-9), what
         opt.eval()
         sd = model.module.state_dict() if name == "DDP" else model.state_dict()
         _check(sd, x_ref, f"{what} eval x")
@@ -250,9 +252,10 @@ def _sharded_worker(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_equals_one_process(world):
-    """FSDP2 (uneven shards), DDP and ZeroScheduleFree stage 2 (small buckets) equal one process on
-    the full batch over 20 steps: y, x and the Polyak step, so the reductions count every element
-    once and average the loss over the ranks."""
+    """FSDP2 (uneven shards), DDP and ZeroScheduleFree stage 2 (small buckets), FSDP2 and
+    ZeroScheduleFree also with two param groups, equal one process on the full batch over 20 steps:
+    y, x and the Polyak step, so the reductions count every element once and average the loss over
+    the ranks."""
     results = run_distributed(_sharded_worker, world)
     assert all(r == results[0] for r in results)
 
