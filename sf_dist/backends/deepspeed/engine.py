@@ -10,6 +10,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from ...optim import ScheduleFreeOptimizer
 from .skip import step_with_one_decision
@@ -101,7 +102,37 @@ class _ZeRO12(_EngineScheduleFree):
         """DeepSpeed's step, skipped or taken for every group together (see skip.py)."""
         if not hasattr(self, "check_grad_overflow"):  # BF16_Optimizer: checks the global norm itself
             return super().step(*args, **kwargs)
+        self._sf_held: dict[int, Any] = {}
         return step_with_one_decision(self, self.optimizer, lambda: super(_ZeRO12, self).step(*args, **kwargs))
+
+    def _optimizer_step(self, group_no: int) -> None:
+        """ScheduleFree+ with several groups: hold each group's fp32 gradient, then step every group
+        in one call at the last group (its step size sums over all of them), and copy the groups
+        stepped late into their bit16 partitions before DeepSpeed all-gathers them.
+
+        DeepSpeed 0.19 builds group i's gradient partition, steps group i alone and frees its
+        gradient before it builds group i+1's, so no earlier call sees every group's gradient.
+        """
+        groups = self.optimizer.param_groups
+        if not self.optimizer.takes_loss or len(groups) == 1:  # the others step group by group
+            return super()._optimizer_step(group_no)
+        masters = self.single_partition_of_fp32_groups
+        self._sf_held[group_no] = masters[group_no].grad
+        if len(self._sf_held) < len(groups):
+            return
+        standing = [master.grad for master in masters]  # None, or CPU offload's standing buffers
+        for i, grad in self._sf_held.items():
+            masters[i].grad = grad
+        try:
+            self.optimizer.step()
+        finally:
+            for master, grad in zip(masters, standing):
+                master.grad = grad
+            self._sf_held = {}
+        for i in range(len(groups) - 1):  # DeepSpeed copied these before they moved
+            partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+            self.parallel_partitioned_bit16_groups[i][partition_id].data.copy_(masters[i].data)
+        self._lazy_init_hp_params_optimizer_state()
 
     def load_hp_checkpoint_state_from_checkpoint_dir(self, lp_groups_name: str, checkpoint_dir: str) -> None:
         """A universal checkpoint, also on a rank that holds nothing of some group (see universal.py)."""
@@ -211,10 +242,16 @@ def attach(engine_optimizer: Any) -> Any:
         raise TypeError(f"unsupported DeepSpeed optimizer wrapper {type(engine_optimizer).__name__}: "
                         "Schedule-Free train()/eval() know ZeRO-0/1/2/3 and DeepSpeed's BF16 optimizer")
     if base.takes_loss:
-        if mixin is not _ZeRO12 or len(base.param_groups) != 1:
-            raise TypeError(f"{type(base).__name__} under DeepSpeed needs ZeRO-1/2 and one param group: DeepSpeed "
-                            "steps the base optimizer once per group (or ZeRO-3 sub-group), and ScheduleFree+'s "
-                            "step size is one global reduction over every param; use one group, or ZeroScheduleFree")
+        if mixin is not _ZeRO12:
+            raise TypeError(f"{type(base).__name__} under DeepSpeed needs ZeRO-1/2: ZeRO-3 steps the base optimizer "
+                            "once per sub-group, with the other groups emptied, and ScheduleFree+'s step size is "
+                            "one global reduction over every param (ZeRO-0 with bf16/fp16 is not covered either); "
+                            "use ZeRO-1/2, or ZeroScheduleFree")
+        if len(base.param_groups) > 1 and (getattr(engine_optimizer, "zenflow", False)
+                                           or getattr(engine_optimizer, "torch_autocast_gradscaler", None)):
+            raise TypeError(f"{type(base).__name__} with several param groups under DeepSpeed ZenFlow or torch "
+                            "autocast: those step each group through their own path, which cannot defer a group "
+                            "until every group's gradient is there; use one param group")
         base.params_are_shards = True  # each rank steps its own flat partition
     cls = type(engine_optimizer)
     if cls not in _MIXED:
