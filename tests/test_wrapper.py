@@ -283,6 +283,8 @@ def _sharded_worker(rank, world, workdir):
             _check({k.removeprefix("module."): v for k, v in exported.items()}, x_ref, f"{what} eval_state_dict x")
         assert opt.train_mode, what
     _zero_cases(rank, world, workdir)
+    if world == 3:
+        _empty_shards(rank, world, workdir)
     if world == 2:  # the FSDP2 checkpoint, resumed in a fresh model and wrapper (the base without state)
         model = _fsdp2(_model(), world)
         opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
@@ -386,6 +388,43 @@ def _zero_cases(rank, world, workdir):
             _check(model.state_dict(), x_ref, f"{what} consolidated into one process, eval x")
     if world == 2:
         _mismatches(workdir, consolidated["Adam"])
+
+
+class _Narrow(nn.Module):
+    """A 6-element weight and a 1-element bias, broadcast to the 3 targets."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 1).double()
+
+    def forward(self, x):
+        return self.lin(x).expand(-1, 3)
+
+
+def _empty_shards(rank, world, workdir):
+    """At W=3 the bias's bucket (its own param group) lies on rank 0 alone: the other ranks still
+    agree on the base's state keys and save empty shards, and the resume equals 1.4.1's wrapper."""
+    from sf_dist import checkpoint
+    data, path = mlp_case.batches(5), os.path.join(workdir, "narrow")
+
+    def build():
+        model = _Narrow()
+        Adam = sf_dist.ScheduleFreeWrapper.around(torch.optim.Adam, lr=0.05)
+        groups = [{"params": [model.lin.weight]}, {"params": [model.lin.bias]}]
+        return model, sf_dist.ZeroScheduleFree(groups, Adam, bucket_cap_mb=1e-6, momentum=0.9)
+
+    ref = _Narrow()
+    ref_opt = schedulefree.ScheduleFreeWrapper(_prefill(torch.optim.Adam(ref.parameters(), lr=0.05)), momentum=0.9)
+    mlp_case.run(ref, ref_opt, data)
+    model, opt = build()
+    assert [len(b.pieces) for b in opt.all_buckets()] == [1, int(rank == 0)]
+    mlp_case.run(model, opt, data[:4], rank, world)
+    checkpoint.save(path, model, opt)
+    model, opt = build()
+    checkpoint.load(path, model, opt)
+    mlp_case.run(model, opt, data[4:], rank, world)
+    _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, train y")
 
 
 def _mismatches(workdir, adam_full):
