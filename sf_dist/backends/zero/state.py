@@ -184,7 +184,7 @@ def _load_full(opt: Any, sd: dict[str, Any]) -> None:
     if len(index) != sum(len(g["params"]) for g in opt.param_groups):
         raise ValueError(f"the state dict has {len(index)} params, this optimizer "
                          f"{sum(len(g['params']) for g in opt.param_groups)}")
-    base = _base(opt)
+    base_state: dict[Tensor, dict[str, Any]] = {}
     n = 0
     for g, bs in enumerate(opt.buckets):
         for b in bs:
@@ -192,24 +192,32 @@ def _load_full(opt: Any, sd: dict[str, Any]) -> None:
                 saved = sd["state"].get(index[n + i])
                 if not saved:
                     opt.inner.state.pop(piece, None)
-                    if base is not None:
-                        base.state.pop(piece, None)
                     continue
                 start = max(b.offsets[i], b.lo) - b.offsets[i]
-
-                def cut(t: Tensor, dtype: torch.dtype) -> Tensor:
-                    return t.reshape(-1)[start:start + piece.numel()].to(piece.device, dtype, copy=True)
-
                 dtype = opt.inner.param_groups[g].get("state_dtype") or piece.dtype
-                opt.inner.state[piece] = {k: cut(saved[k], dtype) for k in _keys(opt, g)}
-                if base is not None:  # torch's rule: floating buffers take the param's dtype, scalars stay
-                    base.state[piece] = {k[len(BASE):]: cut(v, piece.dtype if v.is_floating_point() else v.dtype)
-                                         if isinstance(v, Tensor) and v.dim() > 0 else copy.deepcopy(v)
-                                         for k, v in saved.items() if k.startswith(BASE)}
+                opt.inner.state[piece] = {k: saved[k].reshape(-1)[start:start + piece.numel()]
+                                          .to(piece.device, dtype, copy=True) for k in _keys(opt, g)}
+                base_state[piece] = {k[len(BASE):]: v.reshape(-1)[start:start + piece.numel()].clone()
+                                     if isinstance(v, Tensor) and v.dim() > 0 else copy.deepcopy(v)
+                                     for k, v in saved.items() if k.startswith(BASE)}
             if b.separate_master:
                 b.master.copy_(b.flat[b.lo:b.hi])
             n += len(b.params)
+    base = _base(opt)
+    if base is not None:
+        _load_base(base, base_state)
     _after_load(opt)
+
+
+def _load_base(base: torch.optim.Optimizer, state: dict[Tensor, dict[str, Any]]) -> None:
+    """Give the base its pieces' saved state through its own load_state_dict, so torch's rules for
+    dtype and device (Adam's step on the param's device when capturable or fused) apply."""
+    at = {p: i for i, p in enumerate(p for g in base.param_groups for p in g["params"])}
+    groups, n = [], 0
+    for g in base.param_groups:
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(n, n + len(g["params"])))})
+        n += len(g["params"])
+    base.load_state_dict({"state": {at[p]: s for p, s in state.items() if s}, "param_groups": groups})
 
 
 # ---- consolidated (one rank gets everything) -------------------------------------------------------
