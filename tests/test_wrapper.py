@@ -375,6 +375,8 @@ def _zero_cases(rank, world, workdir):
             assert opt.train_mode == train and opt.param_groups[0]["k"] == 12, name
             mlp_case.run(model, opt, _data()[12:], rank, world)
             _check(model.state_dict(), y_ref, f"{what} resumed from {name}, train y")
+            opt.eval()
+            _check(model.state_dict(), x_ref, f"{what} resumed from {name}, eval x")
         if rank == 0:  # the consolidated dict in one process: "ignore" keeps its step from an all-reduce
             model = _model()
             model.load_state_dict(weights)
@@ -425,6 +427,9 @@ def _empty_shards(rank, world, workdir):
     checkpoint.load(path, model, opt)
     mlp_case.run(model, opt, data[4:], rank, world)
     _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, train y")
+    opt.eval()
+    ref_opt.eval()
+    _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, eval x")
 
 
 def _mismatches(workdir, adam_full):
