@@ -6,11 +6,14 @@ runs here with the base state filled in advance, as the reference's own test avo
 Sharded runs (FSDP2 W=2,3 uneven, FSDP1, DDP, ZeroScheduleFree) equal one process on the full batch.
 """
 
+import copy
 import os
 
 import pytest
+import safetensors.torch
 import schedulefree
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import mlp_case
@@ -205,12 +208,19 @@ def _data():
     return mlp_case.batches(7) + mlp_case.batches(8) + mlp_case.batches(9)[:4]  # 20 steps
 
 
-def _reference():
-    """(y, x) of 1.4.1's wrapper around a prefilled Adam, one process, full batches."""
+# ZeroScheduleFree's bases (the FSDP/DDP cases use the first) and bucket caps: one bucket whose params
+# straddle the ranks, and one bucket per param (bucket_cap_mb 1e-4 is 13 float64 elements)
+ZERO_BASES = {"Adam": (torch.optim.Adam, dict(lr=0.02), 25.0),
+              "SGD": (torch.optim.SGD, dict(lr=0.05, momentum=0.5), 1e-4)}
+
+
+def _reference(base="Adam", steps=20):
+    """(y, x) of 1.4.1's wrapper around a prefilled base, one process, full batches."""
+    cls, kw, _ = ZERO_BASES[base]
     model = _model()
-    opt = schedulefree.ScheduleFreeWrapper(_prefill(torch.optim.Adam(model.parameters(), lr=0.02)),
-                                           weight_decay_at_y=0.01, momentum=0.9)
-    mlp_case.run(model, opt, _data())
+    opt = schedulefree.ScheduleFreeWrapper(_prefill(cls(model.parameters(), **kw)), weight_decay_at_y=0.01,
+                                           momentum=0.9)
+    mlp_case.run(model, opt, _data()[:steps])
     y = {k: v.clone() for k, v in model.state_dict().items()}
     opt.eval()
     return y, {k: v.clone() for k, v in model.state_dict().items()}
@@ -251,8 +261,7 @@ def _sharded_worker(rank, world, workdir):
         "DDP": lambda: DDP(_model()),
         "FSDP1": lambda: _fsdp1(_model()),
     }
-    if world == 2:  # DCP's import costs each rank about a second: one world size checks the checkpoints
-        from sf_dist import checkpoint
+    from sf_dist import checkpoint
     path = os.path.join(workdir, "fsdp2")
     for name, build in cases.items():
         model = build()
@@ -273,17 +282,10 @@ def _sharded_worker(rank, world, workdir):
         if rank == 0:
             _check({k.removeprefix("module."): v for k, v in exported.items()}, x_ref, f"{what} eval_state_dict x")
         assert opt.train_mode, what
-    # ZeroScheduleFree: each rank's base steps its slices
-    model = _model()
-    Adam = sf_dist.ScheduleFreeWrapper.around(torch.optim.Adam, **adam)
-    opt = sf_dist.ZeroScheduleFree(model.parameters(), Adam, momentum=0.9, weight_decay=0.01)
-    mlp_case.run(model, opt, _data(), rank, world)
-    _check(model.state_dict(), y_ref, f"W={world} ZeroScheduleFree train y")
-    opt.eval()
-    _check(model.state_dict(), x_ref, f"W={world} ZeroScheduleFree eval x")
+    _zero_cases(rank, world, workdir)
+    if world == 3:
+        _empty_shards(rank, world, workdir)
     if world == 2:  # the FSDP2 checkpoint, resumed in a fresh model and wrapper (the base without state)
-        with pytest.raises(TypeError, match="ZeroScheduleFree around a ScheduleFreeWrapper"):
-            checkpoint.save(os.path.join(workdir, "zero"), model, opt)
         model = _fsdp2(_model(), world)
         opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
         checkpoint.load(path, model, opt)
@@ -307,16 +309,171 @@ def _sharded_worker(rank, world, workdir):
     return refused
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_equals_one_process(world, tmp_path):
-    """FSDP2 (uneven shards), DDP, FSDP1 and ZeroScheduleFree around Adam equal 1.4.1's wrapper on
-    one process over 20 full batches (y, and x through the eval API), FSDP2 at W=2 also when resumed
-    from an sf_dist.checkpoint at step 12 (ZeroScheduleFree around the wrapper is refused there); shards
-    refuse Adafactor and an unregistered optimizer, naming it and the fix."""
-    results = run_distributed(_sharded_worker, world, str(tmp_path))
+def _zero(base, weights=None, **base_options):
+    cls, kw, cap = ZERO_BASES[base]
+    model = _model()
+    if weights is not None:
+        model.load_state_dict(weights)
+    wrapper = sf_dist.ScheduleFreeWrapper.around(cls, **kw, **base_options)
+    return model, sf_dist.ZeroScheduleFree(model.parameters(), wrapper, bucket_cap_mb=cap, momentum=0.9,
+                                           weight_decay=0.01)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _zero_cases(rank, world, workdir):
+    """ZeroScheduleFree around the wrapper (Adam in one bucket, SGD in one per param) equals 1.4.1's
+    wrapper on one process over 20 steps; its sf_dist.checkpoint at step 12 (Adam's in eval mode,
+    SGD's in train mode) resumes at this W (bitwise from train mode) and, at W=3, from W=2's, in train
+    and eval mode; the offline export of the checkpoint is x; its own state dicts (per rank, and
+    consolidated into one process or sliced by every rank) resume; mismatched loads are refused."""
+    from sf_dist import checkpoint
+    from sf_dist.checkpoint.offline import export_checkpoint
+    consolidated = {}
+    for base in ZERO_BASES:
+        (y12, x12), (y_ref, x_ref), train = _reference(base, 12), _reference(base), base == "SGD"
+        what, path = f"W={world} ZeroScheduleFree({base} wrapper)", os.path.join(workdir, f"zero_{base}_w{world}")
+        model, opt = _zero(base)
+        mlp_case.run(model, opt, _data()[:12], rank, world)
+        if not train:
+            opt.eval()
+        checkpoint.save(path, model, opt, extra={"k": 12})
+        per_rank, weights, full = copy.deepcopy(opt.state_dict()), _snapshot(model), [opt.consolidated_state_dict()]
+        mlp_case.run(model, opt, _data()[12:], rank, world)
+        _check(model.state_dict(), y_ref, f"{what} train y")
+        y_run = _snapshot(model)
+        opt.eval()
+        _check(model.state_dict(), x_ref, f"{what} eval x")
+        if rank == 0:
+            checkpoint.verify(path)
+            export_checkpoint(path, os.path.join(workdir, f"x_{base}_w{world}.safetensors"))
+            _check(safetensors.torch.load_file(os.path.join(workdir, f"x_{base}_w{world}.safetensors")), x12,
+                   f"{what} offline export of the step-12 checkpoint")
+        for source in [path] + ([os.path.join(workdir, f"zero_{base}_w2")] if world == 3 else []):
+            how = f"{what} resumed from {os.path.basename(source)}"
+            model, opt = _zero(base)
+            assert checkpoint.load(source, model, opt) == {"k": 12}, how
+            assert opt.train_mode == train and opt.param_groups[0]["k"] == 12, how
+            _check(model.state_dict(), y12 if train else x12, f"{how}, {'y' if train else 'x'} right after load")
+            mlp_case.run(model, opt, _data()[12:], rank, world)
+            _check(model.state_dict(), y_ref, f"{how}, train y")
+            if train and source == path:
+                assert all(torch.equal(model.state_dict()[k], v) for k, v in y_run.items()), f"{how}: not bitwise"
+            exported = eval_state_dict(model, opt)
+            if rank == 0:
+                _check(exported, x_ref, f"{how}, eval_state_dict x")
+            opt.eval()
+            _check(model.state_dict(), x_ref, f"{how}, eval x")
+        # ZeroScheduleFree's own state dicts at step 12: this rank's, and the consolidated one
+        dist.broadcast_object_list(full, src=0)
+        consolidated[base] = full[0]
+        for name, sd in (("its per-rank state_dict", per_rank), ("the consolidated state dict", full[0])):
+            model, opt = _zero(base, weights)
+            opt.load_state_dict(copy.deepcopy(sd))
+            assert opt.train_mode == train and opt.param_groups[0]["k"] == 12, name
+            mlp_case.run(model, opt, _data()[12:], rank, world)
+            _check(model.state_dict(), y_ref, f"{what} resumed from {name}, train y")
+            opt.eval()
+            _check(model.state_dict(), x_ref, f"{what} resumed from {name}, eval x")
+        if rank == 0:  # the consolidated dict in one process: "ignore" keeps its step from an all-reduce
+            model = _model()
+            model.load_state_dict(weights)
+            cls, kw, _ = ZERO_BASES[base]
+            one = sf_dist.ScheduleFreeWrapper(cls(model.parameters(), **kw), nonfinite="ignore")
+            one.load_state_dict(copy.deepcopy(full[0]))
+            assert one.base.param_groups[0]["lr"] == kw["lr"] and one.param_groups[0]["momentum"] == 0.9
+            mlp_case.run(model, one, _data()[12:])
+            _check(model.state_dict(), y_ref, f"{what} consolidated into one process, train y")
+            one.eval()
+            _check(model.state_dict(), x_ref, f"{what} consolidated into one process, eval x")
+    if world == 2:
+        _mismatches(workdir, consolidated["Adam"])
+
+
+class _Narrow(nn.Module):
+    """A 6-element weight and a 1-element bias, broadcast to the 3 targets."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 1).double()
+
+    def forward(self, x):
+        return self.lin(x).expand(-1, 3)
+
+
+def _empty_shards(rank, world, workdir):
+    """At W=3 the bias's bucket (its own param group) lies on rank 0 alone: the other ranks still
+    agree on the base's state keys and save empty shards, and the resume equals 1.4.1's wrapper."""
+    from sf_dist import checkpoint
+    data, path = mlp_case.batches(5), os.path.join(workdir, "narrow")
+
+    def build():
+        model = _Narrow()
+        Adam = sf_dist.ScheduleFreeWrapper.around(torch.optim.Adam, lr=0.05)
+        groups = [{"params": [model.lin.weight]}, {"params": [model.lin.bias]}]
+        return model, sf_dist.ZeroScheduleFree(groups, Adam, bucket_cap_mb=1e-6, momentum=0.9)
+
+    ref = _Narrow()
+    ref_opt = schedulefree.ScheduleFreeWrapper(_prefill(torch.optim.Adam(ref.parameters(), lr=0.05)), momentum=0.9)
+    mlp_case.run(ref, ref_opt, data)
+    model, opt = build()
+    assert [len(b.pieces) for b in opt.all_buckets()] == [1, int(rank == 0)]
+    mlp_case.run(model, opt, data[:4], rank, world)
+    checkpoint.save(path, model, opt)
+    model, opt = build()
+    checkpoint.load(path, model, opt)
+    mlp_case.run(model, opt, data[4:], rank, world)
+    _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, train y")
+    opt.eval()
+    ref_opt.eval()
+    _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, eval x")
+
+
+def _mismatches(workdir, adam_full):
+    """Wrapper checkpoints into a built-in class, an SGD or amsgrad base, and back, are refused by name."""
+    from sf_dist import checkpoint
+    adam, sgd = (os.path.join(workdir, f"zero_{b}_w2") for b in ("Adam", "SGD"))
+    model = _model()
+    builtin = sf_dist.ZeroScheduleFree(model.parameters(), lr=0.02)
+    checkpoint.save(os.path.join(workdir, "builtin"), model, builtin)
+    saved_by = r"saved by ZeroScheduleFree\({}\), this optimizer is ZeroScheduleFree\({}\)"
+    cases = [(adam, lambda: (model, builtin), saved_by.format("ScheduleFreeWrapper_Adam", "AdamWScheduleFree")),
+             (os.path.join(workdir, "builtin"), lambda: _zero("Adam"),
+              saved_by.format("AdamWScheduleFree", "ScheduleFreeWrapper_Adam")),
+             (sgd, lambda: _zero("Adam"), saved_by.format("ScheduleFreeWrapper_SGD", "ScheduleFreeWrapper_Adam")),
+             (adam, lambda: _zero("Adam", amsgrad=True),
+              r"missing \['optim\.buckets\.group0_bucket0\.base\.max_exp_avg_sq'\], unexpected \[\]")]
+    for source, build, match in cases:  # refused before the weights or counters change
+        model, opt = build()
+        before = (_snapshot(model), str(opt.param_groups))
+        with pytest.raises(RuntimeError, match=match):
+            checkpoint.load(source, model, opt)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before[0].items()), source
+        assert str(opt.param_groups) == before[1], source
+    with pytest.raises(ValueError, match="holds a base optimizer's state"):
+        builtin.load_state_dict(copy.deepcopy(adam_full))
+    builtin_full = [builtin.consolidated_state_dict()]
+    dist.broadcast_object_list(builtin_full, src=0)
+    with pytest.raises(ValueError, match="lacks a base optimizer's state"):
+        _zero("Adam")[1].load_state_dict(builtin_full[0])
+    with pytest.raises(ValueError, match="base optimizer has the group keys"):
+        _zero("SGD")[1].load_state_dict(copy.deepcopy(adam_full))
+
+
+def test_sharded_equals_one_process(tmp_path):
+    """At W=2 then W=3 (uneven shards): FSDP2, DDP, FSDP1 and ZeroScheduleFree around Adam (and SGD)
+    equal 1.4.1's wrapper on one process over 20 full batches (y, and x through the eval API); FSDP2
+    at W=2 also when resumed from an sf_dist.checkpoint at step 12; ZeroScheduleFree's checkpoints
+    resume at W=2, W=3 and from W=2 to W=3 (see _zero_cases); shards refuse Adafactor and an
+    unregistered optimizer, naming it and the fix."""
     want = [(b, o) for b in ("FSDP2", "FSDP1") for o in ("Adafactor", "_Elementwise")]
-    for rank, refused in enumerate(results):
-        assert refused == want, (rank, refused)
+    for world in (2, 3):  # W=3 loads W=2's checkpoints
+        results = run_distributed(_sharded_worker, world, str(tmp_path))
+        for rank, refused in enumerate(results):
+            assert refused == want, (world, rank, refused)
 
 
 def _wrapped_linear(seed=0):
@@ -330,7 +487,6 @@ def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path):
     """sf_dist.checkpoint.save in eval mode at step 12, load into a fresh model and wrapper (the base
     has no state yet): x in the params, the base's state and lr back, 8 more steps bitwise equal to
     the uninterrupted run; the offline export gives x."""
-    import safetensors.torch
     from sf_dist import checkpoint
     from sf_dist.checkpoint.offline import export_checkpoint
 

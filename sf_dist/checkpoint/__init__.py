@@ -34,7 +34,6 @@ from ..frameworks import unwrap_optimizer
 from ..optim import COUNTERS
 from ..safetensors_stream import atomic_write, fsync_dir
 from ..weights import own_state_dict_calls
-from ..wrapper import ScheduleFreeWrapper
 from .manifest import (FORMAT, MANIFEST, crc32_file, decode, dumps, encode, extra_name, read_manifest,
                        verify_file)
 from .offline import x_recipe
@@ -94,6 +93,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any) -> Any:
     metadata = read_metadata(path)
     state = _state(model, optimizer)
     _check_model(path, metadata, state["model"])
+    _check_buckets(path, metadata, state["optim"])
     counters = getattr(getattr(optimizer, "inner", optimizer), "counters", COUNTERS)
     chosen = [_hyperparameters(g, counters) for g in optimizer.param_groups]
     try:
@@ -155,10 +155,6 @@ def verify(path: str | os.PathLike) -> None:
 
 # ---- saving ------------------------------------------------------------------------------------
 def _checked_path(path: str | os.PathLike, model: Any, optimizer: Any) -> str:
-    if isinstance(getattr(optimizer, "inner", None), ScheduleFreeWrapper):
-        raise TypeError("sf_dist.checkpoint does not take a ZeroScheduleFree around a ScheduleFreeWrapper yet: "
-                        "its buckets hold z but not the base optimizer's state, which would be dropped. It takes the "
-                        "wrapper on a plain, DDP, FSDP1 or FSDP2 model, and ZeroScheduleFree with a built-in class")
     if is_deepspeed(model):
         raise TypeError("sf_dist.checkpoint does not handle DeepSpeed engines: use engine.save_checkpoint() / "
                         "engine.load_checkpoint() (see docs/deepspeed.md)")
@@ -341,6 +337,19 @@ def _check_model(path: str, metadata: Any, model_sd: dict[str, Any]) -> None:
     if cast:
         log.warning("checkpoint %s: %d tensors are cast to the model's dtype on load: %s",
                     path, len(cast), ", ".join(cast))
+
+
+def _check_buckets(path: str, metadata: Any, optim_sd: dict[str, Any]) -> None:
+    """ZeroScheduleFree: refuse state this optimizer would not keep or cannot find (a base optimizer
+    built with other options, amsgrad say), which DCP would drop or fail on."""
+    if "buckets" not in optim_sd:
+        return
+    mine = {f"optim.buckets.{name}.{key}" for name, entry in optim_sd["buckets"].items() for key in entry}
+    saved = {k for k in metadata.state_dict_metadata if k.startswith("optim.buckets.")}
+    if mine != saved:
+        raise RuntimeError(f"checkpoint {path!r} holds other optimizer state than this optimizer keeps: missing "
+                           f"{sorted(mine - saved)}, unexpected {sorted(saved - mine)}. Build the optimizer (and a "
+                           "ScheduleFreeWrapper's base) with the same options as the run that saved it")
 
 
 def _hyperparameters(group: dict[str, Any], counters: tuple[str, ...]) -> dict[str, Any]:
