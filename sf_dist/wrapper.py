@@ -21,6 +21,9 @@ from .schedule import advance_average
 __all__ = ["ScheduleFreeWrapper", "register_elementwise", "ELEMENTWISE_BASES"]
 
 BASE = "base."  # prefix of the base optimizer's entries in the wrapper's state dict
+# In the base's state of a param, from init_state() to that param's next step: 1 where the state is
+# init_state's placeholder (the base had none yet), 0 where it is the base's own.
+UNSTEPPED = "sf_dist_unstepped"
 
 # Bases whose step treats every element on its own (state and update), so stepping a shard equals
 # stepping the whole tensor and keeping the shard: any of them may run on sharded params.
@@ -134,6 +137,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
                     y.sub_(y, alpha=lr * wd * (1 - m))
                 y.lerp_(z, 1 - 1 / m)  # the param holds x ...
                 _swap(y, z)  # ... and now z, with x kept in the state's buffer
+        self._drop_placeholders([p for params in active for p in params])
         self.base.step()
         for group, base_group, params in zip(self.param_groups, self.base.param_groups, active):
             ckp1 = advance_average(group, base_group["lr"] * base_group.get("d", 1.0))
@@ -149,13 +153,22 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     # ---- state -----------------------------------------------------------------------------
     @torch.no_grad()
     def init_state(self) -> None:
-        """Create z and the base's own state for every param that lacks them, without stepping the
+        """Create z and the base's own state for every param that lacks them, without changing the
         run: the base takes one step at lr 0 on zero gradients for those params alone (torch's
-        optimizers create their state lazily), and their values are put back afterwards."""
+        optimizers create their state lazily), their values are put back, and the state is marked
+        a placeholder (``UNSTEPPED``), which the param's next step drops so that the base then
+        creates its state as it would have (an Adam step count, an Rprop step size)."""
         super().init_state()
-        missing = [p for g in self.base.param_groups for p in g["params"] if not self.base.state.get(p)]
-        if not missing:
-            return
+        params = [p for g in self.base.param_groups for p in g["params"]]
+        missing = [p for p in params if not self.base.state.get(p)]
+        if missing:
+            self._placeholder_state(missing)
+        placeholders = {id(p) for p in missing}
+        for p in params:
+            self.base.state[p].setdefault(UNSTEPPED, torch.tensor(float(id(p) in placeholders)))
+
+    def _placeholder_state(self, missing: list[Tensor]) -> None:
+        """The base's lazy state for ``missing``: one step at lr 0 on zero gradients, values put back."""
         grads = {p: p.grad for g in self.base.param_groups for p in g["params"]}
         lrs = [g["lr"] for g in self.base.param_groups]
         values = [local(p).clone() for p in missing]
@@ -174,6 +187,17 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
                 p.grad = grad
             for g, lr in zip(self.base.param_groups, lrs):
                 g["lr"] = lr
+
+    def _drop_placeholders(self, params: list[Tensor]) -> None:
+        """Before the base steps ``params``: a placeholder state goes (the base creates its own), a
+        marker on the base's own state goes (one host read for all markers, only after init_state)."""
+        marked = [p for p in params if UNSTEPPED in self.base.state.get(p, {})]
+        if not marked:
+            return
+        flags = [bool(f) for f in torch.stack([self.base.state[p].pop(UNSTEPPED).cpu().float() for p in marked])]
+        for p, placeholder in zip(marked, flags):
+            if placeholder:
+                del self.base.state[p]
 
     def state_dict(self) -> dict[str, Any]:
         """One torch-style state dict: per param z and the base's state, per group ours and the

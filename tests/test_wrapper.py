@@ -21,6 +21,7 @@ from dist import run_distributed
 
 import sf_dist
 from sf_dist.weights import eval_state_dict
+from sf_dist.wrapper import UNSTEPPED
 
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 3), (5,), (4, 2, 3), (1,), (0, 3)]
@@ -406,7 +407,8 @@ class _Narrow(nn.Module):
 
 def _empty_shards(rank, world, workdir):
     """At W=3 the bias's bucket (its own param group) lies on rank 0 alone: the other ranks still
-    agree on the base's state keys and save empty shards, and the resume equals 1.4.1's wrapper."""
+    agree on the base's state keys and save empty shards, and the resume equals 1.4.1's wrapper; so
+    does the run that saved at step 0 (the base's placeholder state) and a resume from that save."""
     from sf_dist import checkpoint
     data, path = mlp_case.batches(5), os.path.join(workdir, "narrow")
 
@@ -421,12 +423,17 @@ def _empty_shards(rank, world, workdir):
     mlp_case.run(ref, ref_opt, data)
     model, opt = build()
     assert [len(b.pieces) for b in opt.all_buckets()] == [1, int(rank == 0)]
+    checkpoint.save(path + "_step0", model, opt)  # the base has no state yet: placeholders, dropped at step 1
     mlp_case.run(model, opt, data[:4], rank, world)
     checkpoint.save(path, model, opt)
     model, opt = build()
     checkpoint.load(path, model, opt)
     mlp_case.run(model, opt, data[4:], rank, world)
     _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, train y")
+    from_step0 = build()
+    checkpoint.load(path + "_step0", *from_step0)
+    mlp_case.run(*from_step0, data, rank, world)
+    _check(from_step0[0].state_dict(), ref.state_dict(), "W=3 resumed from a step-0 checkpoint, train y")
     opt.eval()
     ref_opt.eval()
     _check(model.state_dict(), ref.state_dict(), "W=3 resumed with empty shards, eval x")
@@ -490,7 +497,7 @@ def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path):
     from sf_dist import checkpoint
     from sf_dist.checkpoint.offline import export_checkpoint
 
-    data = mlp_case.batches(11) + mlp_case.batches(12)[:4]
+    data = mlp_case.batches(11) + mlp_case.batches(12) + mlp_case.batches(13)[:4]  # 12 steps, then 8 more
     model, opt = _wrapped_linear()
     mlp_case.run(model, opt, data[:12])
     opt.eval()
@@ -501,11 +508,47 @@ def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path):
     assert not loaded.train_mode and loaded.param_groups[0]["k"] == 12
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in x.items())
     p, q = model[0].weight, fresh[0].weight
-    assert set(loaded.base.state[q]) == {"step", "exp_avg", "exp_avg_sq"} and "z" not in loaded.base.state[q]
+    assert set(loaded.base.state[q]) == {"step", "exp_avg", "exp_avg_sq", UNSTEPPED}  # no z; marked real
     assert all(torch.equal(loaded.base.state[q][k], opt.base.state[p][k]) for k in opt.base.state[p])
     mlp_case.run(model, opt, data[12:])
     mlp_case.run(fresh, loaded, data[12:])
+    assert set(loaded.base.state[q]) == {"step", "exp_avg", "exp_avg_sq"}  # the marker goes at the next step
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "x.safetensors"))
     exported = safetensors.torch.load_file(str(tmp_path / "x.safetensors"))
     assert exported.keys() == x.keys() and all(torch.equal(exported[k], v) for k, v in x.items())
+
+
+@pytest.mark.parametrize("base", [
+    lambda ps: torch.optim.Adam(ps, lr=0.01),  # a step count the placeholder would advance
+    lambda ps: torch.optim.Rprop(ps, lr=0.01),  # a step size it would start from lr 0
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.5, dampening=0.5),  # a buffer it would start at 0
+], ids=["Adam", "Rprop", "SGD"])
+def test_a_save_before_the_base_has_state_changes_nothing(base, tmp_path):
+    """Checkpoints at step 0 and at step 2, while one param has had no gradient yet (its base state
+    is init_state's placeholder): the run that saved, and a fresh one loaded from step 2, are bitwise
+    the run that never saved."""
+    from sf_dist import checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.ParameterDict({"p": nn.Parameter(torch.randn(5, dtype=torch.float64)),
+                                  "q": nn.Parameter(torch.randn(3, dtype=torch.float64))})
+        return model, sf_dist.ScheduleFreeWrapper(base(list(model.values())), momentum=0.9)
+
+    def train(model, opt, steps, save_at=()):
+        opt.train()
+        for k in steps:
+            if k in save_at:
+                checkpoint.save(tmp_path / f"step{k}", model, opt)
+            g = torch.Generator().manual_seed(k)
+            model["p"].grad = torch.randn(5, generator=g, dtype=torch.float64)
+            model["q"].grad = torch.randn(3, generator=g, dtype=torch.float64) if k >= 3 else None
+            opt.step()
+        return torch.cat([t.detach() for t in model.values()])
+
+    want = train(*build(), range(6))
+    assert torch.equal(train(*build(), range(6), save_at=(0, 2)), want)
+    model, opt = build()
+    checkpoint.load(tmp_path / "step2", model, opt)
+    assert torch.equal(train(model, opt, range(2, 6)), want)
