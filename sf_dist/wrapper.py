@@ -56,6 +56,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     >>> opt.train()   # then loss.backward(); opt.step(); opt.zero_grad(); opt.eval() to evaluate
     """
 
+    lr_from_base = True  # each step reads the base group's lr; ``around`` classes give it the wrapper's
+
     def __init__(self, base: torch.optim.Optimizer, weight_decay_at_y: float = 0.0, momentum: float = 0.9,
                  weight_lr_power: float = 2.0, r: float = 0.0, *, nonfinite: str = "skip",
                  sharded: Optional[bool] = None) -> None:
@@ -78,7 +80,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     def around(cls, base_class: type, **base_kwargs: Any) -> type["ScheduleFreeWrapper"]:
         """A wrapper class built from params, for ZeroScheduleFree's ``optimizer_class``: each rank's
         base steps its slices of z (so the base must be elementwise). Group keys go to the wrapper
-        (``weight_decay`` is decay at y, as for the built-ins) except ``lr``, which the base gets too.
+        (``weight_decay`` is decay at y, as for the built-ins) except ``lr``, which the base gets too;
+        each step hands the base the wrapper group's lr, so a scheduler on ZeroScheduleFree works.
 
         >>> Adam = sf_dist.ScheduleFreeWrapper.around(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.99))
         >>> opt = sf_dist.ZeroScheduleFree(model.parameters(), Adam, momentum=0.9, weight_decay=0.01)
@@ -94,7 +97,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             cls.__init__(self, base_class(groups, **base_kwargs), sharded=multi_rank(), **wrapper_kwargs)
 
         return type(f"ScheduleFreeWrapper_{base_class.__name__}", (cls,),
-                    {"__init__": __init__, "__doc__": f"ScheduleFreeWrapper around {base_class.__name__}."})
+                    {"__init__": __init__, "__doc__": f"ScheduleFreeWrapper around {base_class.__name__}.",
+                     "lr_from_base": False})
 
     def interpolation(self, group: dict[str, Any]) -> float:
         return group["momentum"]
@@ -128,7 +132,11 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         if self.nonfinite != "ignore" and self._agree(active, lacks_kernel=False)[0]:  # the base steps: no CPU kernel
             return loss
         for group, base_group, params in zip(self.param_groups, self.base.param_groups, active):
-            group["lr"] = lr = base_group["lr"]  # the base's lr, as its scheduler left it
+            if self.lr_from_base:
+                group["lr"] = base_group["lr"]  # as the base's scheduler left it
+            else:
+                base_group["lr"] = group["lr"]  # as ZeroScheduleFree's scheduler left it (``around``)
+            lr = group["lr"]
             m, wd = group["momentum"], group["weight_decay"]
             for p in params:
                 y, z = local(p), local(self._state_for(p, group)["z"])

@@ -286,6 +286,8 @@ def _sharded_worker(rank, world, workdir):
     _zero_cases(rank, world, workdir)
     if world == 3:
         _empty_shards(rank, world, workdir)
+    else:
+        _zero_scheduler(rank, world)
     if world == 2:  # the FSDP2 checkpoint, resumed in a fresh model and wrapper (the base without state)
         model = _fsdp2(_model(), world)
         opt = sf_dist.ScheduleFreeWrapper(torch.optim.Adam(model.parameters(), **adam), weight_decay_at_y=0.01)
@@ -391,6 +393,28 @@ def _zero_cases(rank, world, workdir):
             _check(model.state_dict(), x_ref, f"{what} consolidated into one process, eval x")
     if world == 2:
         _mismatches(workdir, consolidated["Adam"])
+
+
+def _zero_scheduler(rank, world):
+    """A LambdaLR on ZeroScheduleFree around the wrapper sets the base's lr: equal to one process
+    with the same LambdaLR on the base."""
+    decay = lambda k: 1.0 / (1 + k)
+    model, opt = _zero("Adam")
+    ref = _model()
+    cls, kw, _ = ZERO_BASES["Adam"]
+    one = sf_dist.ScheduleFreeWrapper(cls(ref.parameters(), **kw), momentum=0.9, weight_decay_at_y=0.01,
+                                      nonfinite="ignore")
+    per = mlp_case.BATCH // world
+    for net, o, sched, rows in ((model, opt, torch.optim.lr_scheduler.LambdaLR(opt, decay), slice(rank * per, (rank + 1) * per)),
+                                (ref, one, torch.optim.lr_scheduler.LambdaLR(one.base, decay), slice(None))):
+        o.train()
+        for x, t in _data()[:6]:
+            o.zero_grad()
+            nn.functional.mse_loss(net(x[rows]), t[rows]).backward()
+            o.step()
+            sched.step()
+    assert opt.inner.base.param_groups[0]["lr"] == pytest.approx(kw["lr"] * decay(5))  # the last step's
+    _check(model.state_dict(), ref.state_dict(), f"W={world} ZeroScheduleFree(Adam wrapper) with a LambdaLR, train y")
 
 
 class _Narrow(nn.Module):
