@@ -260,29 +260,38 @@ def test_sharded_equals_one_process(world):
     assert all(r == results[0] for r in results)
 
 
-def _deepspeed_worker(rank, world):
+def _deepspeed_worker(rank, world, workdir):
     """ZeRO-2 with one group through sf_dist.deepspeed.initialize; two groups at ZeRO-1 through it, at
-    ZeRO-2 through a plain deepspeed.initialize after register(), and at ZeRO-2 with CPU offload.
-    Returns y, x and the Polyak steps per case (rank 0 holds the gathered weights); ZeRO-3 is
-    refused with the reason."""
+    ZeRO-2 through a plain deepspeed.initialize after register(), at ZeRO-2 with CPU offload, and at
+    ZeRO-2 saved by engine.save_checkpoint at step 10 and resumed in a fresh engine. Returns y, x and
+    the Polyak steps per case (rank 0 holds the gathered weights); ZeRO-3 is refused with the reason."""
     import deepspeed
 
     from sf_dist import deepspeed as sfds
     per = mlp_case.BATCH // world
     results = {}
     for name, stage in (("ZeRO-2", 2), ("ZeRO-1 two groups", 1), ("ZeRO-2 two groups, register()", 2),
-                        ("ZeRO-2 two groups, CPU offload", 2)):
+                        ("ZeRO-2 two groups, CPU offload", 2), ("ZeRO-2 two groups, resumed at step 10", 2)):
         zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if "offload" in name else {})}
         config = {"train_micro_batch_size_per_gpu": per, "steps_per_print": 10**9, "gradient_clipping": 0.0,
                   "zero_optimization": zero, "optimizer": {"type": "AdamCScheduleFreePlus", "params": HP}}
-        model = _model().float()
-        params = _groups(model) if "groups" in name else model.parameters()
-        if "register" in name:
-            sfds.register()  # a plain deepspeed.initialize now takes the config entry
-        initialize = deepspeed.initialize if "register" in name else sfds.initialize
-        engine, opt, _, _ = initialize(model=model, model_parameters=params, config=config)
+
+        def build():
+            model = _model().float()
+            params = _groups(model) if "groups" in name else model.parameters()
+            if "register" in name:
+                sfds.register()  # a plain deepspeed.initialize now takes the config entry
+            initialize = deepspeed.initialize if "register" in name else sfds.initialize
+            return initialize(model=model, model_parameters=params, config=config)[:2]
+
+        engine, opt = build()
         opt.train()
-        for x, t in _data():
+        for step, (x, t) in enumerate(_data()):
+            if "resumed" in name and step == 10:
+                engine.save_checkpoint(workdir, tag="step10")
+                engine, opt = build()
+                engine.load_checkpoint(workdir, tag="step10")
+                opt.train()
             loss = nn.functional.mse_loss(engine(x[rank * per:(rank + 1) * per].float()),
                                           t[rank * per:(rank + 1) * per].float())
             engine.backward(loss)
@@ -299,16 +308,17 @@ def _deepspeed_worker(rank, world):
     return results
 
 
-def test_deepspeed_zero12_config_entry():
+def test_deepspeed_zero12_config_entry(tmp_path):
     """"type": "AdamCScheduleFreePlus" in a ds_config, W=2, the loss given by set_loss() before
     engine.step(): ZeRO-2 with one group, and two groups (different lr and weight decay) at ZeRO-1
-    and ZeRO-2 (through a plain deepspeed.initialize after register(); with CPU offload). y, x and
+    and ZeRO-2 (through a plain deepspeed.initialize after register(); with CPU offload; resumed from
+    a DeepSpeed checkpoint). y, x and
     the Polyak step equal the float64 oracle on the full batch at rtol 1e-5 / atol 1e-6, although
     DeepSpeed's masters are fp32 (it makes them fp32, bf16 or fp16, never float64): the fp32
     trajectory sat within 2.5e-7 of it, 13% of that tolerance, while summing one group's L1 norm
     and <g, z - x> alone moved the weights by 1.4."""
     pytest.importorskip("deepspeed")
-    results = run_distributed(_deepspeed_worker, 2)
+    results = run_distributed(_deepspeed_worker, 2, str(tmp_path))
     oracles = {}
     for grouped in (False, True):
         ref = _model().float().double()
