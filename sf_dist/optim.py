@@ -25,6 +25,8 @@ try:
 except ImportError:  # torch builds without distributed
     DTensor = ()  # type: ignore[assignment,misc]
 
+_SEED_BASE, _SEED_STRIDE = 0x5F5F * 1_000_003, 1_000_003  # a step's rounding seed: (k + base) * stride + group
+
 ParamsT = Iterable[Any]
 
 # Group entries that count steps or record the schedule; everything else is a hyperparameter.
@@ -244,9 +246,22 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if not ys:
             return
         narrow = next((y for y, z in zip(ys, zs) if z.itemsize < y.itemsize), None)  # state_dtype=torch.bfloat16
+        generator, seed = (None, None) if narrow is None else self._rounding_stream(narrow.device, group)
         kernels.step_(ys, grads, zs, moments.get("exp_avg_sq"), s, impl=_pick_impl(group, ys, cpu_default), ok=ok,
-                      exp_avgs=moments.get("exp_avg"),
-                      generator=None if narrow is None else self._rounding_generator(narrow.device))
+                      exp_avgs=moments.get("exp_avg"), generator=generator, seed=seed)
+
+    def _rounding_stream(self, device: torch.device, group: dict[str, Any]) -> tuple[torch.Generator, Tensor]:
+        """(generator, fused kernels' seed) to round this step's bf16 state from. The seed, and with host
+        counters the generator's seed, come from the group's step count and place, so a resumed run
+        rounds as the uninterrupted one; with the sync-free path's device counters the seed is computed
+        on the device and the generator (the other paths) keeps drawing from its stream as it goes."""
+        place = next(i for i, g in enumerate(self.param_groups) if g is group)
+        generator, k = self._rounding_generator(device), group["k"]
+        if isinstance(k, Tensor):
+            return generator, (k.to(torch.int64) + _SEED_BASE) * _SEED_STRIDE + place
+        seed = (int(k) + _SEED_BASE) * _SEED_STRIDE + place
+        generator.manual_seed(seed)
+        return generator, torch.tensor(seed, dtype=torch.int64, device=device)
 
     def _sync_free_device(self, active: list[list[Tensor]]) -> Optional[torch.device]:
         """The accelerator to step on without host syncs (nonfinite="skip", grads off the CPU), else None."""

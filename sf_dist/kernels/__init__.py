@@ -32,13 +32,14 @@ IMPLS = ("single", "foreach", "fused")
 def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
           exp_avg_sqs: Optional[Sequence[Tensor]], s: StepScalars, impl: str = "single",
           ok: Optional[Tensor] = None, exp_avgs: Optional[Sequence[Tensor]] = None,
-          generator: Optional[torch.Generator] = None) -> None:
+          generator: Optional[torch.Generator] = None, seed: Optional[Tensor] = None) -> None:
     """Apply one Schedule-Free step in place to ``ys``, ``zs`` (and ``exp_avg_sqs``, ``exp_avgs``).
 
     ``ok`` (a 0-dim bool tensor on the tensors' device) selects the sync-free form: ``s`` may hold
     device tensors, and where ``ok`` is False every tensor is left bitwise unchanged. ``exp_avgs``
     (the inner momentum) must be given exactly when ``s.inner_momentum > 0``. ``generator`` is the
-    random stream of the stochastic rounding of bf16 state (on the tensors' device).
+    random stream of the stochastic rounding of bf16 state (on the tensors' device); ``seed``, a 0-dim
+    int64 tensor there, the fused kernels' (default: drawn from ``generator``).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
@@ -57,7 +58,10 @@ def step_(ys: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor],
         zs = wide[0]
         exp_avg_sqs = None if exp_avg_sqs is None else wide[1]
         exp_avgs = None if exp_avgs is None else wide[-1]
-    seed = _draw_seed(generator, ys[min(in_kernel)].device) if in_kernel else None
+    if not in_kernel:
+        seed = None
+    elif seed is None:
+        seed = _draw_seed(generator, ys[min(in_kernel)].device)
     if ok is not None:
         _masked_step(ys, grads, zs, exp_avg_sqs, s, ok, fused=impl == "fused", exp_avgs=exp_avgs, seed=seed)
     elif impl == "single":
