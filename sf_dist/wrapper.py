@@ -202,7 +202,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         marked = [p for p in params if UNSTEPPED in self.base.state.get(p, {})]
         if not marked:
             return
-        flags = [bool(f) for f in torch.stack([self.base.state[p].pop(UNSTEPPED).cpu().float() for p in marked])]
+        markers = [self.base.state[p].pop(UNSTEPPED) for p in marked]
+        flags = torch.stack([m.to(markers[0].device, torch.float32) for m in markers]).tolist()
         for p, placeholder in zip(marked, flags):
             if placeholder:
                 del self.base.state[p]
