@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import guard
 from .distributed import is_shard, multi_rank
-from .optim import ScheduleFreeOptimizer, local
+from .optim import COUNTERS, ScheduleFreeOptimizer, local
 from .schedule import advance_average
 
 __all__ = ["ScheduleFreeWrapper", "register_elementwise", "ELEMENTWISE_BASES"]
@@ -57,6 +57,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     """
 
     lr_from_base = True  # each step reads the base group's lr; ``around`` classes give it the wrapper's
+    counters = COUNTERS + ("lr",)  # the step copies lr from the base: a checkpoint's wins, as the base's does
 
     def __init__(self, base: torch.optim.Optimizer, weight_decay_at_y: float = 0.0, momentum: float = 0.9,
                  weight_lr_power: float = 2.0, r: float = 0.0, *, nonfinite: str = "skip",
@@ -98,7 +99,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
 
         return type(f"ScheduleFreeWrapper_{base_class.__name__}", (cls,),
                     {"__init__": __init__, "__doc__": f"ScheduleFreeWrapper around {base_class.__name__}.",
-                     "lr_from_base": False})
+                     "lr_from_base": False, "counters": COUNTERS})
 
     def interpolation(self, group: dict[str, Any]) -> float:
         return group["momentum"]

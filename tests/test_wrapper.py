@@ -7,6 +7,7 @@ Sharded runs (FSDP2 W=2,3 uneven, FSDP1, DDP, ZeroScheduleFree) equal one proces
 """
 
 import copy
+import logging
 import os
 
 import pytest
@@ -507,14 +508,14 @@ def test_sharded_equals_one_process(tmp_path):
             assert refused == want, (world, rank, refused)
 
 
-def _wrapped_linear(seed=0):
+def _wrapped_linear(seed=0, lr=0.02):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    return model, sf_dist.ScheduleFreeWrapper(torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1),
+    return model, sf_dist.ScheduleFreeWrapper(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1),
                                               weight_decay_at_y=0.01)
 
 
-def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path):
+def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path, caplog):
     """sf_dist.checkpoint.save in eval mode at step 12, load into a fresh model and wrapper (the base
     has no state yet): x in the params, the base's state and lr back, 8 more steps bitwise equal to
     the uninterrupted run; the offline export gives x."""
@@ -527,9 +528,12 @@ def test_dcp_checkpoint_resumes_the_wrapper_bitwise_and_exports_x(tmp_path):
     opt.eval()
     checkpoint.save(tmp_path / "ckpt", model, opt, extra={"step": 12})
     x = {k: v.clone() for k, v in model.state_dict().items()}
-    fresh, loaded = _wrapped_linear(seed=1)
-    assert checkpoint.load(tmp_path / "ckpt", fresh, loaded) == {"step": 12}
+    fresh, loaded = _wrapped_linear(seed=1, lr=0.05)  # the base's lr comes back from the checkpoint
+    with caplog.at_level(logging.WARNING, logger="sf_dist"):
+        assert checkpoint.load(tmp_path / "ckpt", fresh, loaded) == {"step": 12}
+    assert "continuing with" not in caplog.text  # nothing claims the constructor's lr is kept
     assert not loaded.train_mode and loaded.param_groups[0]["k"] == 12
+    assert [g["lr"] for g in loaded.param_groups] == [g["lr"] for g in loaded.base.param_groups] == [0.02]
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in x.items())
     p, q = model[0].weight, fresh[0].weight
     assert set(loaded.base.state[q]) == {"step", "exp_avg", "exp_avg_sq", UNSTEPPED}  # no z; marked real
